@@ -1,0 +1,1 @@
+"""Shared code of the D4M reimplementation: data, models, FKD augmentation, runtime helpers."""

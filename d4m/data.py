@@ -1,0 +1,190 @@
+"""Datasets and label prompts: every dataset the launchers name, read from local folders only."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from d4m.runtime import UsageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMPT_DIR = REPO_ROOT / "distillation" / "label-prompt"
+
+DATASETS = ("imagenet", "tiny_imagenet", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
+NUM_CLASSES = {"imagenet": 1000, "tiny_imagenet": 200, "cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
+# The side of the dataset's own images: what a classifier of that dataset is trained and tested at.
+NATIVE_SIZE = {"imagenet": 224, "tiny_imagenet": 64, "cifar10": 32, "cifar100": 32, "fashion_mnist": 32}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_prompt_file(dataset: str) -> Optional[Path]:
+    path = PROMPT_DIR / f"{dataset}.txt"
+    return path if path.exists() else None
+
+
+def load_prompts(path: str | Path, num_classes: Optional[int] = None) -> list[str]:
+    """One prompt per line, in class-index order; the count must match the dataset's classes."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"label file {path} does not exist; pass --label_file_path with one prompt per class")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if num_classes is not None and len(prompts) != num_classes:
+        raise UsageError(
+            f"label file {path} has {len(prompts)} prompts but the dataset has {num_classes} classes; "
+            "give one line per class, in class-index order"
+        )
+    return prompts
+
+
+def resolve_prompts(dataset: str, label_file: Optional[str], class_names: list[str]) -> list[str]:
+    """The prompts of a dataset: the given file, else the shipped one, else the class-folder names."""
+    if label_file:
+        return load_prompts(label_file, len(class_names))
+    shipped = default_prompt_file(dataset)
+    if shipped is not None:
+        return load_prompts(shipped, len(class_names))
+    return [name.replace("_", " ") for name in class_names]
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read image {path}: {err}") from err
+
+
+class ImageFolderDataset(Dataset):
+    """Class folders of images, classes in sorted folder order (torchvision's ImageFolder layout)."""
+
+    EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif"}
+
+    def __init__(self, root: str | Path, transform: Optional[Callable] = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise UsageError(f"image folder {root} does not exist")
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise UsageError(f"image folder {root} has no class folders; expected {root}/<class>/<image>")
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+            self.samples += [(str(p), label) for p in files]
+        if not self.samples:
+            raise UsageError(f"image folder {root} holds no images")
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+class TinyImageNetVal(Dataset):
+    """Tiny-ImageNet's validation split as shipped: flat images plus val_annotations.txt."""
+
+    def __init__(self, root: str | Path, classes: list[str], transform: Optional[Callable] = None):
+        root = Path(root)
+        annotations = root / "val_annotations.txt"
+        index = {name: i for i, name in enumerate(classes)}
+        self.samples = []
+        for line in annotations.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 2:
+                self.samples.append((str(root / "images" / fields[0]), index[fields[1]]))
+        self.targets = [label for _, label in self.samples]
+        self.classes = classes
+        self.transform = transform
+
+    __len__ = ImageFolderDataset.__len__
+    __getitem__ = ImageFolderDataset.__getitem__
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files, served as 3-channel 32 px PIL images."""
+
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+    def __init__(self, root: str | Path, train: bool, transform: Optional[Callable] = None):
+        prefix = "train" if train else "t10k"
+        self.images = _read_idx(_find_idx(Path(root), f"{prefix}-images-idx3-ubyte"))
+        self.targets = _read_idx(_find_idx(Path(root), f"{prefix}-labels-idx1-ubyte")).astype(np.int64).tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index]).resize((32, 32), Image.BILINEAR).convert("RGB")
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    raise UsageError(f"Fashion-MNIST file {stem}(.gz) not found under {root}; run setup.sh or pass --data_dir")
+
+
+def _cifar(dataset: str, root: str, train: bool, transform):
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        return cls(root, train=train, transform=transform, download=False)
+    except RuntimeError as err:
+        raise UsageError(f"{dataset} not found under {root} (torchvision layout expected): {err}") from err
+
+
+def train_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = None) -> Dataset:
+    """The real training split; items are (image, label) and the set has `.targets` and `.classes`."""
+    if not data_dir or not Path(data_dir).is_dir():
+        raise UsageError(f"data folder {data_dir!r} does not exist; pass --data_dir")
+    if dataset in ("cifar10", "cifar100"):
+        return _cifar(dataset, data_dir, True, transform)
+    if dataset == "fashion_mnist":
+        return FashionMNIST(data_dir, train=True, transform=transform)
+    if dataset in ("imagenet", "tiny_imagenet", "imagefolder"):
+        return ImageFolderDataset(Path(data_dir) / "train", transform)
+    raise UsageError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def val_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = None) -> Dataset:
+    """The real validation/test split used to report accuracy."""
+    if not data_dir or not Path(data_dir).is_dir():
+        raise UsageError(f"data folder {data_dir!r} does not exist; pass the dataset's folder")
+    if dataset in ("cifar10", "cifar100"):
+        return _cifar(dataset, data_dir, False, transform)
+    if dataset == "fashion_mnist":
+        return FashionMNIST(data_dir, train=False, transform=transform)
+    val = Path(data_dir) / "val"
+    if dataset == "tiny_imagenet" and (val / "val_annotations.txt").is_file():
+        classes = sorted(d.name for d in (Path(data_dir) / "train").iterdir() if d.is_dir())
+        return TinyImageNetVal(val, classes, transform)
+    if dataset in ("imagenet", "tiny_imagenet", "imagefolder"):
+        return ImageFolderDataset(val, transform)
+    raise UsageError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
+def class_count(dataset: str, data: Dataset) -> int:
+    return NUM_CLASSES.get(dataset) or len(data.classes)

@@ -1,0 +1,95 @@
+"""Classifier architectures (teachers and students) and the teacher file format."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from d4m.data import IMAGENET_MEAN, IMAGENET_STD
+from d4m.runtime import UsageError, atomic_path
+
+EXTRA_ARCHS = ("convnet", "resnet18_modified")
+
+
+class ConvNet(nn.Module):
+    """The distillation benchmarks' ConvNet: depth x [conv3x3, instance norm, ReLU, avg-pool 2]."""
+
+    def __init__(self, num_classes: int, input_size: int = 32, width: int = 128, depth: int = 3, channels: int = 3):
+        super().__init__()
+        layers, in_ch = [], channels
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(in_ch, width, kernel_size=3, padding=1),
+                nn.GroupNorm(width, width, affine=True),
+                nn.ReLU(inplace=True),
+                nn.AvgPool2d(kernel_size=2, stride=2),
+            ]
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        side = input_size // 2**depth
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def architectures() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models)) + list(EXTRA_ARCHS)
+
+
+def build_model(arch: str, num_classes: int, input_size: int = 224) -> nn.Module:
+    """A randomly initialised classifier by name: any torchvision classification model, convnet, resnet18_modified."""
+    if arch == "convnet":
+        return ConvNet(num_classes, input_size)
+    if arch == "resnet18_modified":
+        model = torchvision.models.resnet18(num_classes=num_classes)
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        return model
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UsageError(f"unknown architecture {arch!r}; use a torchvision classification model name, convnet or resnet18_modified")
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+
+
+def save_teacher(path: str | Path, model: nn.Module, arch: str, num_classes: int, input_size: int,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, **info) -> None:
+    """Write a teacher file that carries everything needed to rebuild and feed the model."""
+    record = {
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "input_size": int(input_size),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **info,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(record, tmp)
+
+
+def load_teacher_file(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild a teacher written by save_teacher; returns (model in eval mode, its record without weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"teacher file {path} does not exist; make one with matching/train_teacher.py")
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(record["arch"], record["num_classes"], record["input_size"])
+        model.load_state_dict(record.pop("state_dict"))
+    except UsageError:
+        raise
+    except Exception as err:  # any unpickling or shape error means the file is not a teacher file
+        raise UsageError(f"teacher file {path} does not load as a teacher written by train_teacher.py: {err}") from err
+    return model.eval(), record
+
+
+def load_pretrained(arch: str) -> tuple[nn.Module, dict]:
+    """A torchvision model with its default ImageNet weights (downloaded by torchvision on first use)."""
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise UsageError(f"unknown architecture {arch!r}; use a torchvision classification model name or --teacher-path")
+    model = torchvision.models.get_model(arch, weights="DEFAULT")
+    record = {"arch": arch, "num_classes": 1000, "input_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    return model.eval(), record

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny SD checkpoint, a small ImageFolder, and a way to run a script's main()."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_script(relpath: str):
+    """Import a script file (e.g. distillation/gen_prototype.py) as a module, by its path."""
+    path = REPO / relpath
+    name = "script_" + relpath.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(relpath: str, args: list[str]) -> int:
+    """Run a script's main(args) in this process; returns its exit status."""
+    try:
+        load_script(relpath).main([str(a) for a in args])
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(relpath: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run a script under torchrun with `nproc` CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(REPO / relpath), *[str(a) for a in args]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """A randomly initialised SD-shaped checkpoint (32 px images, 16 px latents) in diffusers' layout."""
+    from d4m.tiny_sd import build_tiny_sd
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd(folder, image_size=32)
+    return folder
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: int = 32, seed: int = 0) -> Path:
+    """root/train/<class>/<i>.png and root/val/<class>/<i>.png of class-coloured noisy images."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("val", max(2, per_class // 2))):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.zeros((size, size, 3), np.float32)
+            base[..., c % 3] = 200
+            for i in range(count):
+                img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return make_image_folder(tmp_path / "data")
