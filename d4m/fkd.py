@@ -1,0 +1,397 @@
+"""FKD augmentation replay and the soft-label store, shared by matching/ and validate/.
+
+An epoch's augmentation is an `EpochPlan`, drawn from a numpy generator seeded by (fkd_seed, epoch):
+  order  [N]    int64    the image visited at each position of the epoch
+  crops  [N,4]  float64  RandomResizedCrop box of each position: top/H, left/W, height/H, width/W
+  flips  [N]    uint8    horizontal flip of each position
+  perm   [N]    int64    per batch, the in-batch mix partner of each position (batch-local index)
+  lam    [nb]   float32  per batch, lam ~ Beta(alpha, alpha) (1 when no mix)
+  box    [nb,4] int32    per batch, the CutMix box y1, x1, y2, x2 in pixels of the input size
+Batch b covers positions [b*batch_size, min((b+1)*batch_size, N)).
+
+Two ways to turn a plan into pixels, both exact replays of the same parameters:
+  * `PilViews` (per-sample PIL path): PIL crop + bilinear resize (PIL's antialiased filter), flip, ToTensor;
+    a Dataset whose item is a whole job (a list of positions), so any DataLoader worker count gives
+    the same batches.
+  * `TensorViews` (tensor path): the image set decoded once into a uint8 cache [N,3,H,W] on the device;
+    crops are resampled in one batched `torchvision.ops.roi_align` call (aligned=True, adaptive
+    sampling: bilinear samples averaged within each output pixel, which antialiases downscaling much
+    like PIL), then flips. The two paths differ only in the resize arithmetic (and PIL's rounding to uint8).
+Normalisation and mixing are then applied batched on the device, identically for both paths.
+
+Soft-label store (a directory): `meta.json` and `epoch_XXXX.safetensors` per epoch holding the plan and
+either full teacher logits [N,C] or, with top-K, the K largest logits (`topk_values`), their class indices
+(`topk_indices`, int16 when C <= 32767) and the mean of the other C-K logits (`rest_mean`). The target is
+rebuilt by scattering the top-K into a row filled with that mean: the tail then keeps about the right
+softmax mass at any temperature (exactly in the limit of high T, where a tail of -inf or 0 would be badly off).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+
+from d4m.data import load_rgb
+from d4m.runtime import UsageError, atomic_path, derive_seed
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+MIX_TYPES = ("mixup", "cutmix", "None")
+LOADERS = ("tensor", "pil")
+META_NAME = "meta.json"
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+@dataclass
+class EpochPlan:
+    order: torch.Tensor
+    crops: torch.Tensor
+    flips: torch.Tensor
+    perm: torch.Tensor
+    lam: torch.Tensor
+    box: torch.Tensor
+    batch_size: int
+
+    @property
+    def num_images(self) -> int:
+        return int(self.order.numel())
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.num_images / self.batch_size)
+
+    def bounds(self, b: int) -> tuple[int, int]:
+        start = b * self.batch_size
+        return start, min(start + self.batch_size, self.num_images)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name).contiguous() for name in ("order", "crops", "flips", "perm", "lam", "box")}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], batch_size: int) -> "EpochPlan":
+        return cls(*(tensors[name] for name in ("order", "crops", "flips", "perm", "lam", "box")), batch_size=batch_size)
+
+
+def num_batches(num_images: int, batch_size: int) -> int:
+    return math.ceil(num_images / batch_size)
+
+
+def draw_crops(rng: np.random.Generator, hw: np.ndarray, scale: tuple[float, float], attempts: int = 10) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params, vectorised: [N,4] fractions top/H, left/W, h/H, w/W."""
+    n = len(hw)
+    height, width = hw[:, 0].astype(np.float64), hw[:, 1].astype(np.float64)
+    target = (height * width)[:, None] * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(math.log(RATIO[0]), math.log(RATIO[1]), (n, attempts)))
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first = ok.argmax(1)
+    found = ok.any(1)
+    rows = np.arange(n)
+    h_sel, w_sel = h[rows, first], w[rows, first]
+    # Fallback of torchvision: a centre crop of the whole image with the ratio clamped.
+    in_ratio = width / height
+    fb_w = np.where(in_ratio < RATIO[0], width, np.where(in_ratio > RATIO[1], np.round(height * RATIO[1]), width))
+    fb_h = np.where(in_ratio < RATIO[0], np.round(width / RATIO[0]), height)
+    h_sel, w_sel = np.where(found, h_sel, fb_h), np.where(found, w_sel, fb_w)
+    u = rng.random((n, 2))
+    top = np.where(found, np.floor(u[:, 0] * (height - h_sel + 1)), (height - h_sel) // 2)
+    left = np.where(found, np.floor(u[:, 1] * (width - w_sel + 1)), (width - w_sel) // 2)
+    return np.stack([top / height, left / width, h_sel / height, w_sel / width], 1)
+
+
+def cutmix_box(rng: np.random.Generator, lam: float, size: int) -> list[int]:
+    """A square box of side sqrt(1-lam)*size around a uniform centre, clipped: y1, x1, y2, x2 in pixels."""
+    cut = int(size * math.sqrt(1.0 - lam))
+    cy, cx = int(rng.integers(size)), int(rng.integers(size))
+    y1, y2 = np.clip([cy - cut // 2, cy + cut // 2], 0, size)
+    x1, x2 = np.clip([cx - cut // 2, cx + cut // 2], 0, size)
+    return [int(y1), int(x1), int(y2), int(x2)]
+
+
+def draw_epoch(fkd_seed: int, epoch: int, hw: np.ndarray, batch_size: int, input_size: int, mix_type: str,
+               mixup: float, cutmix: float, scale: tuple[float, float]) -> EpochPlan:
+    """Every augmentation parameter of one epoch; depends only on its arguments (not on processes or workers)."""
+    rng = np.random.default_rng(derive_seed(fkd_seed, epoch))
+    n = len(hw)
+    order = rng.permutation(n)
+    crops = draw_crops(rng, hw[order], scale)
+    flips = rng.random(n) < 0.5
+    perm, lam, box = np.zeros(n, np.int64), [], []
+    for b in range(num_batches(n, batch_size)):
+        start, end = b * batch_size, min((b + 1) * batch_size, n)
+        if mix_type == "None":
+            perm[start:end], lam_b, box_b = np.arange(end - start), 1.0, [0, 0, 0, 0]
+        else:
+            perm[start:end] = rng.permutation(end - start)
+            lam_b = float(rng.beta(cutmix, cutmix) if mix_type == "cutmix" else rng.beta(mixup, mixup))
+            box_b = cutmix_box(rng, lam_b, input_size) if mix_type == "cutmix" else [0, 0, 0, 0]
+        lam.append(lam_b)
+        box.append(box_b)
+    return EpochPlan(torch.from_numpy(order).long(), torch.from_numpy(crops), torch.from_numpy(flips.astype(np.uint8)),
+                     torch.from_numpy(perm), torch.tensor(lam, dtype=torch.float32),
+                     torch.tensor(box, dtype=torch.int32).reshape(-1, 4), batch_size)
+
+
+def pixel_boxes(crops: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """Fraction boxes [k,4] and image sizes [k,2] -> integer top, left, height, width."""
+    scale = torch.stack([hw[:, 0], hw[:, 1], hw[:, 0], hw[:, 1]], 1).double()
+    return torch.round(crops.double() * scale).long()
+
+
+# ----------------------------------------------------------------------------- jobs and views
+
+
+@dataclass
+class Job:
+    """Positions of one batch to materialise: `views` (batch-local, sorted) are loaded, `rows` are returned mixed."""
+    batch: int
+    views: torch.Tensor
+    rows: torch.Tensor
+
+
+def make_job(plan: EpochPlan, b: int, rows: Optional[torch.Tensor] = None) -> Job:
+    """A job for rows of batch b (all rows by default): loads those rows and their mix partners."""
+    start, end = plan.bounds(b)
+    rows = torch.arange(end - start) if rows is None else rows
+    views = torch.unique(torch.cat([rows, plan.perm[start:end][rows]]))
+    return Job(b, views, rows)
+
+
+def job_spec(plan: EpochPlan, job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image indices, crop fractions and flips of a job's views."""
+    positions = plan.bounds(job.batch)[0] + job.views
+    return plan.order[positions], plan.crops[positions], plan.flips[positions]
+
+
+class PilViews(Dataset):
+    """Per-sample PIL path: item j is job j's views as a float tensor [k,3,S,S] in [0,1]."""
+
+    def __init__(self, paths: Sequence[str], size: int, specs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        self.paths, self.size, self.specs = list(paths), size, specs
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        index, crops, flips = self.specs[j]
+        if len(index) == 0:
+            return torch.empty(0, 3, self.size, self.size)
+        return torch.stack([self.view(int(i), c, bool(f)) for i, c, f in zip(index, crops, flips)])
+
+    def view(self, index: int, crop: torch.Tensor, flip: bool) -> torch.Tensor:
+        img = load_rgb(self.paths[index])
+        top, left, h, w = pixel_boxes(crop[None], torch.tensor([[img.height, img.width]]))[0].tolist()
+        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+
+class TensorViews:
+    """Tensor path: crops + resize of the uint8 cache [N,3,H,W] with one batched roi_align, then flips."""
+
+    def __init__(self, cache: torch.Tensor, size: int):
+        self.cache, self.size = cache, size
+
+    def __call__(self, index: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        device = self.cache.device
+        if len(index) == 0:
+            return torch.empty(0, 3, self.size, self.size, device=device)
+        images = self.cache[index.to(device)].float().div_(255)
+        hw = torch.tensor(self.cache.shape[2:]).expand(len(index), 2)
+        top, left, h, w = pixel_boxes(crops, hw).unbind(1)
+        boxes = torch.stack([torch.arange(len(index)), left, top, left + w, top + h], 1).to(device, torch.float32)
+        out = roi_align(images, boxes, output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return torch.where(flips.to(device).bool()[:, None, None, None], out.flip(-1), out)
+
+
+def image_sizes(paths: Sequence[str]) -> np.ndarray:
+    """[N,2] heights and widths, read from the file headers."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes.append((img.height, img.width))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read image {path}: {err}") from err
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
+
+
+class _Decode(Dataset):
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(load_rgb(self.paths[i]), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def check_one_size(hw: np.ndarray) -> None:
+    distinct = np.unique(hw, axis=0)
+    if len(distinct) > 1:
+        raise UsageError(f"the tensor loader needs images of one size, but they have {len(distinct)} sizes "
+                         f"(e.g. {distinct[0].tolist()} and {distinct[1].tolist()}); resize them or use --loader pil")
+
+
+def decode_cache(paths: Sequence[str], hw: np.ndarray, workers: int, device: torch.device) -> torch.Tensor:
+    """Decode every image once into a uint8 tensor [N,3,H,W] on the device; all images must share a size."""
+    check_one_size(hw)
+    loader = DataLoader(_Decode(paths), batch_size=64, num_workers=workers)
+    return torch.cat([batch.to(device) for batch in loader])
+
+
+def iterate_views(loader: str, source: "PilViews | TensorViews", specs: list, workers: int,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """Float [k,3,S,S] views of each job spec in order, on the device."""
+    if loader == "tensor":
+        for spec in specs:
+            yield source(*spec)
+        return
+    source.specs = specs
+    dl = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
+                    pin_memory=device.type == "cuda", persistent_workers=False)
+    for views in dl:
+        yield views.to(device, non_blocking=True)
+
+
+def build_source(loader: str, paths: Sequence[str], hw: np.ndarray, size: int, workers: int,
+                 device: torch.device) -> "PilViews | TensorViews":
+    if loader == "tensor":
+        return TensorViews(decode_cache(paths, hw, workers, device), size)
+    if loader == "pil":
+        return PilViews(paths, size, [])
+    raise UsageError(f"unknown --loader {loader!r}; choose tensor or pil")
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype)[:, None, None]
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype)[:, None, None]
+    return (x - mean_t) / std_t
+
+
+def mix_rows(views: torch.Tensor, plan: EpochPlan, job: Job, mix_type: str) -> torch.Tensor:
+    """The job's rows after mixing with their partners (views are the job's loaded, normalised positions)."""
+    slot = lambda positions: torch.searchsorted(job.views, positions).to(views.device)  # noqa: E731
+    start, end = plan.bounds(job.batch)
+    own = views[slot(job.rows)]
+    if mix_type == "None":
+        return own
+    partner = views[slot(plan.perm[start:end][job.rows])]
+    if mix_type == "mixup":
+        lam = float(plan.lam[job.batch])
+        return lam * own + (1.0 - lam) * partner
+    y1, x1, y2, x2 = plan.box[job.batch].tolist()
+    out = own.clone()
+    out[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]
+    return out
+
+
+def replay_batches(plan: EpochPlan, jobs: list[Job], loader: str, source, workers: int, device: torch.device,
+                   mean: Sequence[float], std: Sequence[float], mix_type: str) -> Iterator[tuple[Job, torch.Tensor]]:
+    """(job, augmented normalised mixed rows) for each job, in order."""
+    specs = [job_spec(plan, job) for job in jobs]
+    for job, views in zip(jobs, iterate_views(loader, source, specs, workers, device)):
+        yield job, mix_rows(normalize(views, mean, std), plan, job, mix_type)
+
+
+# ----------------------------------------------------------------------------- soft labels
+
+
+def topk_compress(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """K largest logits per row, their indices (int16 when the class count allows) and the mean of the rest."""
+    classes = logits.shape[1]
+    values, indices = logits.float().topk(k, dim=1)
+    rest = (logits.float().sum(1) - values.sum(1)) / (classes - k)
+    index_dtype = torch.int16 if classes <= 32767 else torch.int32
+    return {"topk_values": values.to(logits.dtype), "topk_indices": indices.to(index_dtype),
+            "rest_mean": rest.to(logits.dtype)}
+
+
+def topk_rebuild(values: torch.Tensor, indices: torch.Tensor, rest: torch.Tensor, classes: int) -> torch.Tensor:
+    """Full fp32 rows: the top-K scattered into a row filled with the mean of the other logits."""
+    full = rest.float()[:, None].expand(len(rest), classes).clone()
+    return full.scatter_(1, indices.long(), values.float())
+
+
+def keep_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Apply the top-K rebuild to full logits; unchanged when K >= the class count."""
+    if k >= logits.shape[1]:
+        return logits
+    parts = topk_compress(logits, k)
+    return topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], logits.shape[1])
+
+
+def image_fingerprint(root: str | Path, samples: Sequence[tuple[str, int]]) -> str:
+    """A hash of the image list: relative paths, labels and file sizes, in dataset order."""
+    digest = hashlib.sha256()
+    for path, label in samples:
+        digest.update(f"{Path(path).relative_to(root).as_posix()}\t{label}\t{os.path.getsize(path)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def epoch_file(store: str | Path, epoch: int) -> Path:
+    return Path(store) / f"epoch_{epoch:04d}.safetensors"
+
+
+def read_meta(store: str | Path) -> dict:
+    path = Path(store) / META_NAME
+    if not path.is_file():
+        raise UsageError(f"{store} is not a soft-label store (no {META_NAME}); make one with matching/generate_soft_label.py")
+    return json.loads(path.read_text())
+
+
+def open_store(store: str | Path, meta: dict, create: bool = True) -> int:
+    """Check that the store is new or belongs to this run (and create it when asked); returns the first epoch to write."""
+    store = Path(store)
+    if (store / META_NAME).is_file():
+        old = read_meta(store)
+        diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+        if diff:
+            details = ", ".join(f"{k}: stored {old.get(k)!r} vs now {meta.get(k)!r}" for k in diff)
+            raise UsageError(f"the soft-label store {store} was made by a different run ({details}); "
+                             "use another --fkd-path or delete it")
+    elif store.exists() and (not store.is_dir() or any(store.iterdir())):
+        raise UsageError(f"--fkd-path {store} exists and is not a soft-label store; choose an empty or new folder")
+    elif create:
+        with atomic_path(store / META_NAME) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    epoch = 0
+    while epoch < meta["epochs"] and epoch_file(store, epoch).is_file():
+        epoch += 1
+    return epoch
+
+
+def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Tensor, topk: Optional[int]) -> None:
+    tensors = plan.tensors()
+    tensors.update(topk_compress(logits, topk) if topk else {"logits": logits})
+    with atomic_path(epoch_file(store, epoch)) as tmp:
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+def read_epoch(store: str | Path, epoch: int, meta: dict) -> tuple[EpochPlan, torch.Tensor]:
+    """The plan of an epoch and its soft labels as full fp32 logits [N,C]."""
+    path = epoch_file(store, epoch)
+    if not path.is_file():
+        raise UsageError(f"soft-label file {path} is missing; rerun matching to complete the store")
+    tensors = load_file(str(path))
+    plan = EpochPlan.from_tensors(tensors, meta["batch_size"])
+    if "logits" in tensors:
+        return plan, tensors["logits"].float()
+    return plan, topk_rebuild(tensors["topk_values"], tensors["topk_indices"], tensors["rest_mean"], meta["num_classes"])

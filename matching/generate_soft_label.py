@@ -1,0 +1,153 @@
+"""Training-time matching: label every augmented view of the synthetic set with a teacher and store it.
+
+Example (ImageNet, the paper's settings):
+    python matching/generate_soft_label.py --data outputs/syn/imagenet_ipc10_10_s0.7_g8.0_kmexpand1 \
+        -a resnet18 -b 1024 --epochs 300 --input-size 224 --use-fp16 --mix-type cutmix --fkd-path outputs/fkd/...
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from d4m import fkd
+from d4m.data import ImageFolderDataset
+from d4m.models import load_pretrained, load_teacher_file
+from d4m.runtime import UsageError, barrier, cli, init_distributed, pick_device
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Generate FKD soft labels (training-time matching).")
+    p.add_argument("--data", required=True, help="ImageFolder of synthetic images (sorted class folders = class index)")
+    p.add_argument("-a", "--arch", default="resnet18", help="torchvision teacher with its default ImageNet weights")
+    p.add_argument("--teacher-path", default=None, help="teacher file written by matching/train_teacher.py")
+    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-b", "--batch-size", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--min-scale-crops", type=float, default=0.08)
+    p.add_argument("--max-scale-crops", type=float, default=1.0)
+    p.add_argument("--fkd-path", required=True, help="soft-label store folder")
+    p.add_argument("--use-fp16", action="store_true", help="store logits in fp16 (and run the teacher in fp16 on CUDA)")
+    p.add_argument("--mode", default="fkd_save", choices=["fkd_save"])
+    p.add_argument("--fkd-seed", type=int, default=42)
+    p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES))
+    p.add_argument("--mixup", type=float, default=0.8)
+    p.add_argument("--cutmix", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="torch seed (the store depends on --fkd-seed only)")
+    p.add_argument("--soft-label-topk", type=int, default=None, help="store only the K largest logits per view")
+    p.add_argument("--loader", default="tensor", choices=list(fkd.LOADERS))
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    args.mix_type = args.mix_type or "None"
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.batch_size < 1 or args.epochs < 1 or args.input_size < 1 or args.workers < 0:
+        raise UsageError("--batch-size, --epochs and --input-size must be positive and --workers >= 0")
+    if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1:
+        raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1")
+    if args.mixup <= 0 or args.cutmix <= 0:
+        raise UsageError("--mixup and --cutmix are Beta parameters and must be positive")
+    if args.soft_label_topk is not None and args.soft_label_topk < 1:
+        raise UsageError("--soft-label-topk must be at least 1")
+
+
+def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.device) -> tuple[nn.Module, dict]:
+    if args.teacher_path:
+        teacher, record = load_teacher_file(args.teacher_path)
+        record["source"] = str(args.teacher_path)
+    else:
+        teacher, record = load_pretrained(args.arch)
+        record["source"] = "torchvision-default-weights"
+    if record["num_classes"] < data_classes:
+        raise UsageError(f"the teacher has {record['num_classes']} classes but {args.data} has {data_classes} class "
+                         "folders; use a teacher trained on this dataset")
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    try:
+        with torch.no_grad():
+            teacher(torch.zeros(1, 3, args.input_size, args.input_size, device=device))
+    except RuntimeError as err:
+        raise UsageError(f"the teacher ({record['arch']}) cannot take {args.input_size} px inputs; "
+                         f"use --input-size {record['input_size']}") from err
+    return teacher, record
+
+
+def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict, topk: int | None) -> dict:
+    return {
+        "batch_size": args.batch_size, "epochs": args.epochs, "num_images": len(data.samples),
+        "data_classes": len(data.classes), "images": fkd.image_fingerprint(args.data, data.samples),
+        "fkd_seed": args.fkd_seed, "mix_type": args.mix_type, "mixup": args.mixup, "cutmix": args.cutmix,
+        "input_size": args.input_size, "num_classes": record["num_classes"],
+        "teacher": {"arch": record["arch"], "source": record["source"]},
+        "mean": list(record["mean"]), "std": list(record["std"]),
+        "min_scale": args.min_scale_crops, "max_scale": args.max_scale_crops,
+        "dtype": "float16" if args.use_fp16 else "float32", "topk": topk,
+    }
+
+
+def label_epoch(args, teacher, source, plan: fkd.EpochPlan, record: dict, rank: int, world: int,
+                device: torch.device) -> dict[int, torch.Tensor]:
+    """Teacher logits of this process's batches of the epoch (batch b on rank b % world)."""
+    jobs = [fkd.make_job(plan, b) for b in range(rank, plan.num_batches, world)]
+    out = {}
+    autocast = torch.autocast("cuda", torch.float16, enabled=args.use_fp16 and device.type == "cuda")
+    with torch.no_grad(), autocast:
+        for job, x in fkd.replay_batches(plan, jobs, args.loader, source, args.workers, device,
+                                         record["mean"], record["std"], args.mix_type):
+            out[job.batch] = teacher(x).float().cpu()
+    return out
+
+
+def gather_logits(parts: dict[int, torch.Tensor], rank: int, world: int) -> torch.Tensor | None:
+    """On rank 0, the epoch's logits [N,C] in position order; None elsewhere."""
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(parts, gathered, dst=0)
+        if rank != 0:
+            return None
+        parts = {b: t for part in gathered for b, t in part.items()}
+    return torch.cat([parts[b] for b in sorted(parts)])
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world = init_distributed()
+    device = pick_device(args.device)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    data = ImageFolderDataset(args.data)
+    teacher, record = load_teacher(args, len(data.classes), device)
+    topk = args.soft_label_topk if args.soft_label_topk and args.soft_label_topk < record["num_classes"] else None
+    meta = store_meta(args, data, record, topk)
+    paths = [path for path, _ in data.samples]
+    hw = fkd.image_sizes(paths)
+    if args.loader == "tensor":
+        fkd.check_one_size(hw)
+    start = fkd.open_store(args.fkd_path, meta, create=False)
+    barrier()
+    if rank == 0:
+        fkd.open_store(args.fkd_path, meta, create=True)
+    source = fkd.build_source(args.loader, paths, hw, args.input_size, args.workers, device)
+    dtype = torch.float16 if args.use_fp16 else torch.float32
+    scale = (args.min_scale_crops, args.max_scale_crops)
+    for epoch in tqdm(range(start, args.epochs), disable=rank != 0, desc="matching", initial=start, total=args.epochs):
+        plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
+                              args.mixup, args.cutmix, scale)
+        logits = gather_logits(label_epoch(args, teacher, source, plan, record, rank, world, device), rank, world)
+        if rank == 0:
+            fkd.write_epoch(args.fkd_path, epoch, plan, logits.to(dtype), topk)
+        barrier()
+    if rank == 0:
+        print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
+
+
+if __name__ == "__main__":
+    main()
