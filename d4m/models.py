@@ -82,7 +82,8 @@ def load_teacher_file(path: str | Path) -> tuple[nn.Module, dict]:
     except UsageError:
         raise
     except Exception as err:  # any unpickling or shape error means the file is not a teacher file
-        raise UsageError(f"teacher file {path} does not load as a teacher written by train_teacher.py: {err}") from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"teacher file {path} does not load as a teacher written by train_teacher.py: {reason}") from err
     return model.eval(), record
 
 

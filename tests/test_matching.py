@@ -1,0 +1,132 @@
+"""generate_soft_label.py: exact replay of stored views, resume, torchrun equality, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_script, run_torchrun
+from d4m import fkd
+from d4m.models import build_model, load_teacher_file, save_teacher
+from fkd_helpers import MATCH, match_args, tiny_setup
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("match"))
+
+
+def replayed_logits(store, epoch, data, teacher_path, loader):
+    meta = fkd.read_meta(store)
+    plan, stored = fkd.read_epoch(store, epoch, meta)
+    teacher, record = load_teacher_file(teacher_path)
+    from d4m.data import ImageFolderDataset
+
+    paths = [p for p, _ in ImageFolderDataset(data / "train").samples]
+    source = fkd.build_source(loader, paths, fkd.image_sizes(paths), 32, 0, torch.device("cpu"))
+    for b in range(plan.num_batches):
+        job = fkd.make_job(plan, b)
+        (_, x), = fkd.replay_batches(plan, [job], loader, source, 0, torch.device("cpu"), record["mean"],
+                                     record["std"], meta["mix_type"])
+        start, end = plan.bounds(b)
+        with torch.no_grad():
+            yield teacher(x), stored[start:end]
+
+
+@pytest.mark.parametrize("loader,mix,fp16", [("tensor", "cutmix", False), ("tensor", "mixup", True),
+                                             ("pil", "cutmix", True), ("pil", "mixup", False)])
+def test_replay_reproduces_stored_logits(tiny, tmp_path, loader, mix, fp16):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    extra = ["--use-fp16"] if fp16 else []
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 3, "--mix-type", mix, "--loader", loader, *extra)) == 0
+    for epoch in range(3):
+        for fresh, stored in replayed_logits(store, epoch, data, teacher, loader):
+            if fp16:
+                assert torch.equal(fresh.half().float(), stored) or (fresh - stored).abs().max() <= 2e-3 * fresh.abs().max()
+            else:
+                assert (fresh - stored).abs().max() <= 1e-4
+
+
+def test_topk_store_rebuilds_teacher_top(tiny, tmp_path):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--mix-type", "cutmix",
+                                        "--soft-label-topk", 2)) == 0
+    raw = load_file(str(fkd.epoch_file(store, 0)))
+    assert set(raw) >= {"topk_values", "topk_indices", "rest_mean"} and "logits" not in raw
+    assert raw["topk_indices"].dtype == torch.int16 and json.loads((store / "meta.json").read_text())["topk"] == 2
+    for fresh, rebuilt in replayed_logits(store, 0, data, teacher, "tensor"):
+        assert torch.allclose(rebuilt, fkd.keep_topk(fresh, 2), atol=1e-4)
+
+
+def test_resume_after_lost_epoch_gives_identical_file(tiny, tmp_path):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    args = match_args(data, teacher, store, "--epochs", 3, "--mix-type", "cutmix", "--use-fp16")
+    assert run_script(MATCH, args) == 0
+    last = fkd.epoch_file(store, 2)
+    before = last.read_bytes()
+    last.unlink()
+    assert run_script(MATCH, args) == 0
+    assert last.read_bytes() == before
+
+
+def test_torchrun_store_equals_one_process(tiny, tmp_path):
+    data, teacher = tiny
+    for nproc in (1, 2):
+        args = match_args(data, teacher, tmp_path / f"s{nproc}", "--epochs", 2, "--mix-type", "cutmix", "--device", "cpu")
+        result = run_torchrun(MATCH, args, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-2000:]
+    for epoch in range(2):
+        one, two = (load_file(str(fkd.epoch_file(tmp_path / f"s{n}", epoch))) for n in (1, 2))
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def bad_teachers(root):
+    torch.manual_seed(0)
+    (root / "garbage.pt").write_bytes(b"not a teacher")
+    save_teacher(root / "two.pt", build_model("convnet", 2, 32), "convnet", 2, 32)
+    return root / "garbage.pt", root / "two.pt"
+
+
+def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    garbage, two_class = bad_teachers(tmp_path)
+    store = tmp_path / "store"
+    cases = [
+        match_args(tmp_path / "missing", teacher, store),
+        match_args(data, garbage, store),
+        match_args(data, two_class, store),
+        match_args(data, teacher, store, "--input-size", 48),
+        ["--data", data / "train", "-a", "not_a_model", "--fkd-path", store],
+        match_args(data, teacher, store, "--min-scale-crops", 0),
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert run_script(MATCH, args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        assert not store.exists()
+
+
+def test_store_from_another_run_is_refused(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1)) == 0
+    before = sorted((p.name, p.read_bytes()) for p in store.iterdir())
+    capsys.readouterr()
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "-b", 4)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch_size" in err[0]
+    assert sorted((p.name, p.read_bytes()) for p in store.iterdir()) == before
