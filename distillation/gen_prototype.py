@@ -1,0 +1,192 @@
+"""Stage 1 of D4M: encode every training image with the SD VAE and cluster each class into `ipc` prototypes."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.cluster import MiniBatchKMeans
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
+from d4m.diffusion import load_pipeline
+from d4m.prototypes import FORMATS, Prototypes, check_json_prompts, prototype_filename, save_prototypes
+from d4m.runtime import UsageError, cli, init_distributed, pick_device, seeded_generator
+from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch_size", type=int, default=10, help="images per VAE call")
+    parser.add_argument("--data_dir", type=str, default=None, help="dataset root (train/ inside for ImageFolder sets)")
+    parser.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS)
+    parser.add_argument("--diffusion_checkpoints_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="local diffusers folder or hub id")
+    parser.add_argument("--ipc", type=int, default=1, help="prototypes (k-means centres) per class")
+    parser.add_argument("--km_expand", type=int, default=10, help="k-means mini-batch = km_expand * ipc latents")
+    parser.add_argument("--label_file_path", type=str, default=None, help="one prompt per class, in class order")
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
+    parser.add_argument("--size", type=int, default=512, help="images are resized to size x size before encoding")
+    parser.add_argument("--device", type=str, default=None, help="cuda when present, else cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the class shuffles and the posterior samples")
+    parser.add_argument("--prototype_format", type=str, default="safetensors", choices=FORMATS)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "ipc", "km_expand", "size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    return args
+
+
+class ResizedImages(Dataset):
+    """Items {image [3,size,size] in [0,1], index, error}; an unreadable file gives its error, not an exception,
+    because exceptions raised in DataLoader workers reach the main process wrapped in a multi-line report."""
+
+    def __init__(self, base: Dataset, size: int):
+        self.base = base
+        self.size = size
+        self.transform = transforms.Compose([
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.ToTensor(),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image, _ = self.base[index]
+            return {"image": self.transform(image), "index": index, "error": ""}
+        except UsageError as err:
+            return {"image": torch.zeros(3, self.size, self.size), "index": index, "error": str(err)}
+
+
+def class_indices(targets: list[int], num_classes: int) -> list[list[int]]:
+    members: list[list[int]] = [[] for _ in range(num_classes)]
+    for index, label in enumerate(targets):
+        members[int(label)].append(index)
+    return members
+
+
+def shuffled(indices: list[int], seed: int, label: int) -> list[int]:
+    """A class's images in the order they are encoded: a permutation seeded by (seed, class) only."""
+    order = torch.randperm(len(indices), generator=seeded_generator(seed, label)).tolist()
+    return [indices[i] for i in order]
+
+
+def class_batches(members: list[list[int]], classes: list[int], seed: int, batch_size: int) -> list[list[int]]:
+    """Batches of dataset indices, class after class, never crossing a class boundary."""
+    batches = []
+    for label in classes:
+        order = shuffled(members[label], seed, label)
+        batches += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return batches
+
+
+class ClassClusterer:
+    """One class's MiniBatchKMeans, fed `km_expand * ipc` latents per partial_fit, in arrival order."""
+
+    def __init__(self, ipc: int, km_expand: int):
+        self.ipc = ipc
+        self.chunk = km_expand * ipc
+        self.kmeans = MiniBatchKMeans(n_clusters=ipc, random_state=0, batch_size=self.chunk, n_init="auto")
+        self.pending: list[np.ndarray] = []
+        self.fitted = False
+
+    def add(self, latents: np.ndarray) -> None:
+        for row in latents:
+            self.pending.append(row)
+            if len(self.pending) == self.chunk:
+                self._fit()
+
+    def _fit(self) -> None:
+        self.kmeans.partial_fit(np.stack(self.pending))
+        self.pending = []
+        self.fitted = True
+
+    def centres(self) -> np.ndarray:
+        """Flush the leftover (when it has at least ipc latents) and return the [ipc, features] centres."""
+        if len(self.pending) >= self.ipc:
+            self._fit()
+        return self.kmeans.cluster_centers_
+
+
+def encode_and_cluster(args, data: Dataset, members: list[list[int]], classes: list[int], rank: int) -> dict[int, np.ndarray]:
+    """Prototypes [ipc, 4, h, w] of each class in `classes`."""
+    device = pick_device(args.device)
+    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
+    batches = class_batches(members, classes, args.seed, args.batch_size)
+    loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    labels = {index: label for label in classes for index in members[label]}
+    clusterers = {label: ClassClusterer(args.ipc, args.km_expand) for label in classes}
+    shape = None
+    for batch in tqdm(loader, desc="encoding", disable=rank != 0):
+        errors = [e for e in batch["error"] if e]
+        if errors:
+            raise UsageError(errors[0])
+        indices = batch["index"].tolist()
+        label = labels[indices[0]]
+        generators = [seeded_generator(args.seed, label, i) for i in indices]
+        latents = pipe(batch["image"], generator=generators).latents.float().cpu()
+        shape = latents.shape[1:]
+        clusterers[label].add(latents.reshape(len(latents), -1).numpy())
+    return {label: c.centres().reshape(args.ipc, *shape).astype(np.float32) for label, c in clusterers.items()}
+
+
+def gather(local: dict, error: str, world: int) -> tuple[dict, str]:
+    """Merge every rank's prototypes on rank 0; every rank learns the first error of any rank."""
+    if world == 1:
+        return local, error
+    errors: list[str] = [""] * world
+    dist.all_gather_object(errors, error)
+    error = next((e for e in errors if e), "")
+    if error:
+        return {}, error
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    return ({k: v for part in parts for k, v in part.items()} if parts else {}), ""
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world = init_distributed()
+    data = train_dataset(args.dataset, args.data_dir)
+    num_classes = class_count(args.dataset, data)
+    class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
+    prompts = resolve_prompts(args.dataset, args.label_file_path, class_names)
+    if args.prototype_format == "json":
+        check_json_prompts(prompts)
+    members = class_indices(data.targets, num_classes)
+    small = [c for c, m in enumerate(members) if len(m) < args.ipc]
+    if small:
+        raise UsageError(f"class {class_names[small[0]]} has {len(members[small[0]])} images, fewer than --ipc {args.ipc}; "
+                         "lower --ipc or add images")
+    out = Path(args.save_prototype_path) / prototype_filename(args.dataset, args.ipc, args.km_expand, args.prototype_format)
+
+    local, error = {}, ""
+    try:
+        local = encode_and_cluster(args, data, members, list(range(rank, num_classes, world)), rank)
+    except UsageError as err:
+        error = str(err)
+    merged, error = gather(local, error, world)
+    if error:
+        raise UsageError(error)
+    if rank == 0:
+        tensor = torch.from_numpy(np.stack([merged[c] for c in range(num_classes)]))
+        metadata = dict(dataset=args.dataset, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
+                        seed=str(args.seed), class_names=json.dumps(class_names))
+        save_prototypes(out, Prototypes(prompts, tensor, metadata), args.prototype_format)
+        print(f"wrote {num_classes} x {args.ipc} prototypes to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Stage 2 of D4M: turn each class's prototypes into synthetic images with SD img2img from the latent."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts
+from d4m.diffusion import load_pipeline
+from d4m.prototypes import Prototypes, load_prototypes
+from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed, pick_device, seeded_generator
+from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch_size", type=int, default=10, help="images per pipeline call (across classes)")
+    parser.add_argument("--diffusion_checkpoints_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="local diffusers folder or hub id")
+    parser.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS)
+    parser.add_argument("--guidance_scale", "-g", type=float, default=8.0)
+    parser.add_argument("--ipc", type=int, default=1, help="images per class; a multiple of the prototypes per class")
+    parser.add_argument("--km_expand", type=int, default=10, help="only names the output folder")
+    parser.add_argument("--label_file_path", type=str, default=None, help="one prompt per class, in class order")
+    parser.add_argument("--prototype_path", type=str, required=True, help="a .safetensors or .json prototype file")
+    parser.add_argument("--save_init_image_path", type=str, default="outputs/syn")
+    parser.add_argument("--strength", "-s", type=float, default=0.75)
+    parser.add_argument("--seed", type=int, default=0, help="image j of class c uses noise seeded by (seed, c, j)")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--image_size", type=int, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--negative_prompt", type=str, default="cartoon, anime, painting")
+    parser.add_argument("--safety_checker", action="store_true", help="load and apply the checkpoint's safety checker")
+    parser.add_argument("--device", type=str, default=None, help="cuda when present, else cpu")
+    args = parser.parse_args(argv)
+    if not 0 < args.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    for name in ("batch_size", "ipc", "num_inference_steps", "image_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if int(args.num_inference_steps * args.strength) < 1:
+        raise UsageError(f"--strength {args.strength} with --num_inference_steps {args.num_inference_steps} "
+                         "leaves no denoising step; raise either")
+    return args
+
+
+def label_prompts(args: argparse.Namespace, protos: Prototypes) -> list[str]:
+    """The label file's prompts (given, else shipped for the dataset), which the prototype file must match."""
+    path = args.label_file_path or default_prompt_file(args.dataset)
+    if path is None:
+        return protos.prompts
+    prompts = load_prompts(path, NUM_CLASSES.get(args.dataset))
+    if len(prompts) != len(protos.prompts):
+        raise UsageError(f"prototype file {args.prototype_path} has {len(protos.prompts)} classes but label file {path} "
+                         f"has {len(prompts)}; use the label file the prototypes were made with")
+    diff = next((c for c, (a, b) in enumerate(zip(prompts, protos.prompts)) if a != b), None)
+    if diff is not None:
+        raise UsageError(f"prototype file {args.prototype_path} has prompt {protos.prompts[diff]!r} for class {diff} but "
+                         f"label file {path} has {prompts[diff]!r}; use the label file the prototypes were made with")
+    return prompts
+
+
+def output_dir(args: argparse.Namespace, per_class: int) -> Path:
+    name = (f"{args.dataset}_ipc{per_class}_{args.ipc}_s{args.strength:g}_g{args.guidance_scale:g}"
+            f"_kmexpand{args.km_expand}")
+    return Path(args.save_init_image_path) / name
+
+
+def image_path(root: Path, label: int, index: int, num_classes: int, ipc: int) -> Path:
+    """Zero-padded names of equal width, so that sorted folder order is class order."""
+    return root / f"{label:0{len(str(num_classes - 1))}d}" / f"{index:0{len(str(ipc - 1))}d}.png"
+
+
+class EmbeddingCache:
+    """Each class prompt (and the negative prompt) goes through the text encoder once."""
+
+    def __init__(self, pipe: StableDiffusionLatents2ImgPipeline, negative: str, guidance: bool):
+        self.pipe, self.negative, self.guidance = pipe, negative, guidance
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if prompt not in self.cache:
+            negative = [self.negative] if self.guidance else None
+            self.cache[prompt] = self.pipe.encode_prompt([prompt], self.pipe.device, 1, self.guidance, negative)
+        return self.cache[prompt]
+
+    def batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pairs = [self(p) for p in prompts]
+        negative = torch.cat([n for _, n in pairs]) if self.guidance else None
+        return torch.cat([p for p, _ in pairs]), negative
+
+
+def synthesize(args, protos: Prototypes, prompts: list[str], jobs: list[tuple[int, int, Path]], rank: int) -> None:
+    device = pick_device(args.device)
+    pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
+                         safety_checker=args.safety_checker)
+    embeds = EmbeddingCache(pipe, args.negative_prompt, args.guidance_scale > 1)
+    repeats = args.ipc // protos.per_class
+    for start in tqdm(range(0, len(jobs), args.batch_size), desc="synthesis", disable=rank != 0):
+        batch = jobs[start : start + args.batch_size]
+        latents = torch.stack([protos.tensor[c, j // repeats] for c, j, _ in batch])
+        positive, negative = embeds.batch([prompts[c] for c, _, _ in batch])
+        images = pipe(
+            latents=latents, prompt_embeds=positive, negative_prompt_embeds=negative, strength=args.strength,
+            guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+            generator=[seeded_generator(args.seed, c, j) for c, j, _ in batch],
+        ).images
+        for image, (_, _, path) in zip(images, batch):
+            with atomic_path(path) as tmp:
+                image.resize((args.image_size, args.image_size), Image.BILINEAR).save(tmp, format="PNG")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world = init_distributed()
+    protos = load_prototypes(args.prototype_path)
+    prompts = label_prompts(args, protos)
+    if args.ipc % protos.per_class:
+        raise UsageError(f"--ipc {args.ipc} is not a multiple of the {protos.per_class} prototypes per class in "
+                         f"{args.prototype_path}; use a multiple of {protos.per_class}")
+    root = output_dir(args, protos.per_class)
+    jobs = [(c, j, image_path(root, c, j, len(prompts), args.ipc))
+            for c in range(rank, len(prompts), world) for j in range(args.ipc)]
+    todo = [job for job in jobs if not job[2].exists()]  # written atomically, so an existing file is complete
+    if todo:
+        synthesize(args, protos, prompts, todo, rank)
+    barrier()
+    if rank == 0:
+        print(f"{len(prompts)} classes x {args.ipc} images in {root}")
+
+
+if __name__ == "__main__":
+    main()
