@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Training-time matching (soft labels) for ImageNet-1K IPC 10 (the paper's settings: ResNet-18 with torchvision weights).
+# Runs from any folder; NPROC=8 runs it under torchrun with 8 processes; extra flags are passed through.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
+RUN=("$PY")
+if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
+NAME=imagenet_ipc10_10_s0.7_g8.0_kmexpand1
+"${RUN[@]}" matching/generate_soft_label.py \
+    --data "outputs/syn/$NAME" \
+    --fkd-path "outputs/fkd/$NAME" \
+    -a resnet18 \
+    -b 1024 \
+    --epochs 300 \
+    --input-size 224 \
+    --use-fp16 \
+    --mix-type cutmix \
+    "$@"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Training-time matching (soft labels) for Tiny-ImageNet IPC 10 (teacher from matching/train_teacher.py).
+# Runs from any folder; NPROC=8 runs it under torchrun with 8 processes; extra flags are passed through.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
+RUN=("$PY")
+if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
+NAME=tiny_imagenet_ipc10_10_s0.7_g8.0_kmexpand1
+"${RUN[@]}" matching/generate_soft_label.py \
+    --data "outputs/syn/$NAME" \
+    --fkd-path "outputs/fkd/$NAME" \
+    --teacher-path models/tiny_imagenet/teacher_resnet18_modified.pt \
+    -b 1024 \
+    --epochs 300 \
+    --input-size 64 \
+    --use-fp16 \
+    --mix-type cutmix \
+    "$@"
