@@ -1,0 +1,140 @@
+"""Train a teacher classifier from scratch on a real training set and write a teacher file.
+
+The file (see d4m.models.save_teacher) carries the architecture, class count, input size and
+normalisation, so that matching/generate_soft_label.py --teacher-path rebuilds and feeds it.
+
+Example (the Fashion-MNIST teacher the repository carries):
+    python matching/train_teacher.py --dataset fashion_mnist --data-dir /usr/share/datasets/fashion-mnist \
+        -a convnet --epochs 2 --input-size 32 --output models/fashion_mnist/teacher_convnet.pt
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, class_count, train_dataset, val_dataset
+from d4m.models import architectures, build_model, save_teacher
+from d4m.runtime import UsageError, cli, pick_device
+
+DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
+# Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.
+SMALL_INPUT = 64
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
+    p.add_argument("--data-dir", required=True, help="dataset folder (ImageFolder datasets: the folder holding train/ and val/)")
+    p.add_argument("-a", "--arch", default="convnet", help="torchvision classification model name, convnet or resnet18_modified")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("-b", "--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, momentum 0.9, cosine)")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--input-size", type=int, default=None, help="default: the dataset's native side (224 for image folders)")
+    p.add_argument("--output", required=True, help="teacher file to write")
+    p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if args.arch not in architectures():
+        raise UsageError(f"unknown architecture {args.arch!r}; use a torchvision classification model name, convnet or resnet18_modified")
+    if min(args.epochs, args.batch_size) < 1 or args.lr <= 0:
+        raise UsageError("--epochs, --batch-size and --lr must be positive")
+    args.input_size = args.input_size or NATIVE_SIZE.get(args.dataset, 224)
+    return args
+
+
+def transforms_for(input_size: int) -> tuple[T.Compose, T.Compose]:
+    """(training augmentation, evaluation transform), both normalised with ImageNet mean/std."""
+    finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if input_size <= SMALL_INPUT:
+        train = [T.Resize((input_size, input_size)), T.RandomCrop(input_size, padding=input_size // 8), T.RandomHorizontalFlip()]
+        test = [T.Resize((input_size, input_size))]
+    else:
+        train = [T.RandomResizedCrop(input_size), T.RandomHorizontalFlip()]
+        test = [T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size)]
+    return T.Compose(train + finish), T.Compose(test + finish)
+
+
+def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, int]:
+    train_tf, test_tf = transforms_for(args.input_size)
+    train_set: Dataset = train_dataset(args.dataset, args.data_dir, train_tf)
+    val_set: Dataset = val_dataset(args.dataset, args.data_dir, test_tf)
+    num_classes = class_count(args.dataset, train_set)
+    gen = torch.Generator().manual_seed(args.seed)
+    common = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0)
+    return (DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size, generator=gen, **common),
+            DataLoader(val_set, shuffle=False, **common), num_classes)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy (%) on a loader."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        total += len(y)
+    return 100.0 * correct / max(1, total)
+
+
+def train_epoch(model, loader, opt, sched, device, epoch: int) -> float:
+    model.train()
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False)
+    running = 0.0
+    for x, y in bar:
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        if not torch.isfinite(loss):
+            raise UsageError(f"loss became {loss.item()} in epoch {epoch}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = 0.9 * running + 0.1 * loss.item() if running else loss.item()
+        bar.set_postfix(loss=f"{running:.3f}")
+    return running
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace, steps: int):
+    """SGD with momentum and a per-step cosine schedule after a short linear warm-up."""
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay)
+    warmup = min(200, steps // 10)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    train_loader, val_loader, num_classes = loaders(args)
+    model = build_model(args.arch, num_classes, args.input_size).to(device)
+    opt, sched = make_optimizer(model, args, args.epochs * len(train_loader))
+    start = time.time()
+    top1 = 0.0
+    for epoch in range(args.epochs):
+        loss = train_epoch(model, train_loader, opt, sched, device, epoch)
+        top1 = evaluate(model, val_loader, device)
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}, val top-1 {top1:.2f}% ({time.time() - start:.0f} s)")
+    save_teacher(args.output, model, args.arch, num_classes, args.input_size,
+                 dataset=args.dataset, top1=top1, epochs=args.epochs)
+    print(f"final val top-1 {top1:.2f}%; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

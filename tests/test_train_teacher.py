@@ -1,0 +1,33 @@
+"""matching/train_teacher.py: trains on a tiny image folder, writes a loadable teacher file, rejects bad input."""
+from __future__ import annotations
+
+import torch
+from conftest import make_image_folder, run_script
+
+from d4m.models import load_teacher_file
+
+SCRIPT = "matching/train_teacher.py"
+
+
+def test_trains_and_writes_teacher_file(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "teacher.pt"
+    args = ["--dataset", "imagefolder", "--data-dir", data, "-a", "convnet", "--epochs", "1",
+            "--batch-size", "8", "--input-size", "32", "--workers", "0", "--output", out]
+    assert run_script(SCRIPT, args) == 0
+    model, record = load_teacher_file(out)
+    assert record["arch"] == "convnet" and record["num_classes"] == 3 and record["input_size"] == 32
+    assert record["dataset"] == "imagefolder" and 0.0 <= record["top1"] <= 100.0
+    assert len(record["mean"]) == 3 and len(record["std"]) == 3
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "teacher.pt"
+    common = ["--dataset", "imagefolder", "--epochs", "1", "--workers", "0", "--output", out]
+    assert run_script(SCRIPT, [*common, "--data-dir", data, "-a", "no_such_net"]) == 2
+    assert run_script(SCRIPT, [*common, "--data-dir", tmp_path / "missing", "-a", "convnet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert not out.exists()
