@@ -1,11 +1,16 @@
 """Loading Stable Diffusion checkpoints (local diffusers folders or hub ids) with clear errors."""
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
+from typing import Iterator
 
 import torch
+import torch.nn.functional as F
+from diffusers.utils import logging as diffusers_logging
+from torch import nn
 
 from d4m.runtime import UsageError
 
@@ -15,6 +20,49 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 def pipeline_dtype(device: torch.device) -> torch.dtype:
     """fp16 on CUDA (as the original runs SD), fp32 elsewhere."""
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(),) + tuple(args[1:])
+
+
+def _linear_by_rows(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    rows = args[0]
+    if rows.ndim != 2:
+        return None
+    # each row as the first of a 2-row product: the same kernel path whatever the batch
+    return torch.cat([F.linear(row.expand(2, -1), module.weight, module.bias)[:1] for row in rows.split(1)])
+
+
+@contextlib.contextmanager
+def batch_invariant(pipe, device: torch.device) -> Iterator[None]:
+    """On CPU, make every image's result independent of the images batched beside it, bit for bit.
+
+    Without this an image changes in the last bits (sometimes by one PNG level) with the batch size, from
+    three CPU kernel choices: oneDNN convolutions pick algorithms by batch size (turned off: PyTorch's own
+    convolution handles each image separately); GroupNorm and convolution reduce in another order when
+    handed channels-last strided tensors, which diffusers' attention blocks produce for some batch sizes
+    (inputs made contiguous); and 2-D matrix products (the timestep embedding) take other paths for
+    1, 2-3 and more rows (computed row by row). cuBLAS and cuDNN give no such guarantee on GPU.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    handles = []
+    for component in pipe.components.values():
+        for module in component.modules() if isinstance(component, nn.Module) else ():
+            if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
+                handles.append(module.register_forward_pre_hook(_contiguous_input))
+            elif isinstance(module, nn.Linear):
+                handles.append(module.register_forward_hook(_linear_by_rows))
+    mkldnn = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
+        for handle in handles:
+            handle.remove()
 
 
 def _check_local_folder(cls, folder: Path) -> None:
@@ -45,6 +93,7 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     kwargs = {}
     if "safety_checker" in cls._get_signature_keys(cls)[0] and not safety_checker:
         kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    diffusers_logging.disable_progress_bar()  # the loading bar would sit above any later one-line error
     try:
         pipe = cls.from_pretrained(str(local) if local.exists() else path, dtype=pipeline_dtype(device), **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError) as err:

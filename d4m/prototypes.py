@@ -8,12 +8,13 @@ Two formats carry the same content, prompts in class order and a [classes, ipc, 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from safetensors.torch import load_file, safe_open
 
 from d4m.runtime import UsageError, atomic_path
 
@@ -56,8 +57,18 @@ def save_prototypes(path: str | Path, protos: Prototypes, fmt: str) -> None:
             tmp.write_text(json.dumps(data), encoding="utf-8")
         else:
             metadata = {**protos.metadata, "prompts": json.dumps(protos.prompts)}
-            # bytes written through open() so the file gets the usual umask permissions (save_file makes it 0600)
-            tmp.write_bytes(save({"prototypes": tensor}, metadata=metadata))
+            tmp.write_bytes(_safetensors_bytes(tensor, metadata))
+
+
+def _safetensors_bytes(tensor: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    """The safetensors layout written by hand with sorted header keys: safetensors' own writer orders the
+    metadata differently in every process, and identical runs should give identical files."""
+    data = tensor.numpy().astype("<f4").tobytes()
+    header = {"__metadata__": metadata,
+              "prototypes": {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [0, len(data)]}}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
 
 
 def load_prototypes(path: str | Path) -> Prototypes:

@@ -14,7 +14,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
-from d4m.diffusion import load_pipeline
+from d4m.diffusion import batch_invariant, load_pipeline
 from d4m.prototypes import FORMATS, Prototypes, check_json_prompts, prototype_filename, save_prototypes
 from d4m.runtime import UsageError, cli, init_distributed, pick_device, seeded_generator
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
@@ -128,16 +128,19 @@ def encode_and_cluster(args, data: Dataset, members: list[list[int]], classes: l
     labels = {index: label for label in classes for index in members[label]}
     clusterers = {label: ClassClusterer(args.ipc, args.km_expand) for label in classes}
     shape = None
-    for batch in tqdm(loader, desc="encoding", disable=rank != 0):
-        errors = [e for e in batch["error"] if e]
-        if errors:
-            raise UsageError(errors[0])
-        indices = batch["index"].tolist()
-        label = labels[indices[0]]
-        generators = [seeded_generator(args.seed, label, i) for i in indices]
-        latents = pipe(batch["image"], generator=generators).latents.float().cpu()
-        shape = latents.shape[1:]
-        clusterers[label].add(latents.reshape(len(latents), -1).numpy())
+    # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
+    with batch_invariant(pipe, device), tqdm(total=len(batches), desc="encoding", disable=rank != 0, leave=False) as bar:
+        for batch in loader:
+            errors = [e for e in batch["error"] if e]
+            if errors:
+                raise UsageError(errors[0])
+            indices = batch["index"].tolist()
+            label = labels[indices[0]]
+            generators = [seeded_generator(args.seed, label, i) for i in indices]
+            latents = pipe(batch["image"], generator=generators).latents.float().cpu()
+            shape = latents.shape[1:]
+            clusterers[label].add(latents.reshape(len(latents), -1).numpy())
+            bar.update()
     return {label: c.centres().reshape(args.ipc, *shape).astype(np.float32) for label, c in clusterers.items()}
 
 

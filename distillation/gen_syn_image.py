@@ -9,7 +9,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts
-from d4m.diffusion import load_pipeline
+from d4m.diffusion import batch_invariant, load_pipeline
 from d4m.prototypes import Prototypes, load_prototypes
 from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed, pick_device, seeded_generator
 from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
@@ -98,18 +98,21 @@ def synthesize(args, protos: Prototypes, prompts: list[str], jobs: list[tuple[in
                          safety_checker=args.safety_checker)
     embeds = EmbeddingCache(pipe, args.negative_prompt, args.guidance_scale > 1)
     repeats = args.ipc // protos.per_class
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="synthesis", disable=rank != 0):
-        batch = jobs[start : start + args.batch_size]
-        latents = torch.stack([protos.tensor[c, j // repeats] for c, j, _ in batch])
-        positive, negative = embeds.batch([prompts[c] for c, _, _ in batch])
-        images = pipe(
-            latents=latents, prompt_embeds=positive, negative_prompt_embeds=negative, strength=args.strength,
-            guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
-            generator=[seeded_generator(args.seed, c, j) for c, j, _ in batch],
-        ).images
-        for image, (_, _, path) in zip(images, batch):
-            with atomic_path(path) as tmp:
-                image.resize((args.image_size, args.image_size), Image.BILINEAR).save(tmp, format="PNG")
+    with batch_invariant(pipe, device), tqdm(total=len(jobs), desc="synthesis", unit="img", disable=rank != 0,
+                                       leave=False) as bar:
+        for start in range(0, len(jobs), args.batch_size):
+            batch = jobs[start : start + args.batch_size]
+            latents = torch.stack([protos.tensor[c, j // repeats] for c, j, _ in batch])
+            positive, negative = embeds.batch([prompts[c] for c, _, _ in batch])
+            images = pipe(
+                latents=latents, prompt_embeds=positive, negative_prompt_embeds=negative, strength=args.strength,
+                guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+                generator=[seeded_generator(args.seed, c, j) for c, j, _ in batch],
+            ).images
+            for image, (_, _, path) in zip(images, batch):
+                with atomic_path(path) as tmp:
+                    image.resize((args.image_size, args.image_size), Image.BILINEAR).save(tmp, format="PNG")
+            bar.update(len(batch))
 
 
 @cli

@@ -76,3 +76,15 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: in
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test's in-process torch work on one thread: on a shared 2-core machine, two OpenMP threads
+    that wait on each other are many times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,111 @@
+"""distillation/gen_prototype.py: faithful per-class clustering, both file formats, torchrun, bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.cluster import MiniBatchKMeans
+from torchvision.transforms.functional import to_tensor
+
+from conftest import run_script, run_torchrun
+from d4m.diffusion import load_pipeline
+from d4m.prototypes import load_prototypes
+from d4m.runtime import seeded_generator
+from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = "distillation/gen_prototype.py"
+
+
+def args(data, sd, out, *extra):
+    return ["--dataset", "imagefolder", "--data_dir", data, "--diffusion_checkpoints_path", sd,
+            "--save_prototype_path", out, "--size", 32, "--ipc", 2, "--km_expand", 2, "--batch_size", 4,
+            "--num_workers", 0, "--device", "cpu", "--seed", 3, *extra]
+
+
+def reference_centres(data, sd, label, seed=3, ipc=2, km_expand=2, batch_size=4):
+    """sklearn on the same latents in the same order: class shuffled by (seed, class), chunks of km_expand*ipc."""
+    files = sorted((data / "train" / f"class{label}").glob("*.png"))
+    offset = sum(len(list((data / "train" / f"class{c}").glob("*.png"))) for c in range(label))
+    order = torch.randperm(len(files), generator=seeded_generator(seed, label)).tolist()
+    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, str(sd), torch.device("cpu"))
+    latents = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        images = torch.stack([to_tensor(Image.open(files[i]).convert("RGB")) for i in chunk])
+        gens = [seeded_generator(seed, label, offset + i) for i in chunk]
+        latents.append(pipe(images, generator=gens).latents.reshape(len(chunk), -1).numpy())
+    latents = np.concatenate(latents)
+    kmeans = MiniBatchKMeans(n_clusters=ipc, random_state=0, batch_size=km_expand * ipc, n_init="auto")
+    for start in range(0, len(latents), km_expand * ipc):  # 6 images: a chunk of 4, then the leftover 2
+        kmeans.partial_fit(latents[start : start + km_expand * ipc])
+    return kmeans.cluster_centers_.reshape(ipc, 4, 16, 16)
+
+
+def test_centres_match_sklearn_and_json_matches_binary(image_folder, tiny_sd, tmp_path):
+    out = tmp_path / "protos"
+    assert run_script(SCRIPT, args(image_folder, tiny_sd, out)) == 0
+    protos = load_prototypes(out / "imagefolder-ipc2-kmexpand2.safetensors")
+    assert protos.tensor.shape == (3, 2, 4, 16, 16)
+    assert protos.prompts == ["class0", "class1", "class2"]
+    assert json.loads(protos.metadata["class_names"]) == ["class0", "class1", "class2"]
+    for label in range(3):
+        np.testing.assert_allclose(protos.tensor[label].numpy(), reference_centres(image_folder, tiny_sd, label),
+                                   atol=1e-6, rtol=0)
+    assert run_script(SCRIPT, args(image_folder, tiny_sd, out, "--prototype_format", "json")) == 0
+    as_json = load_prototypes(out / "imagefolder-ipc2-kmexpand2.json")
+    assert as_json.prompts == protos.prompts
+    assert torch.equal(as_json.tensor, protos.tensor)
+    data = json.loads((out / "imagefolder-ipc2-kmexpand2.json").read_text())
+    assert list(data) == protos.prompts and np.array(data["class0"]).shape == (2, 4, 16, 16)
+
+
+def test_two_processes_and_another_batch_size_write_the_same_file(image_folder, tiny_sd, tmp_path):
+    assert run_script(SCRIPT, args(image_folder, tiny_sd, tmp_path / "one", "--batch_size", 4)) == 0
+    done = run_torchrun(SCRIPT, args(image_folder, tiny_sd, tmp_path / "two", "--batch_size", 3, "--num_workers", 1))
+    assert done.returncode == 0, done.stderr[-2000:]
+    name = "imagefolder-ipc2-kmexpand2.safetensors"
+    assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+
+
+def _corrupt(data):
+    (data / "train" / "class1" / "3.png").write_bytes(b"not a png")
+    return data
+
+
+def _label_file(tmp_path, lines):
+    path = tmp_path / "labels.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def shown(stderr: str) -> list[str]:
+    """The non-empty lines a terminal shows: carriage returns overwrite (closed progress bars erase themselves)."""
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in stderr.split("\n")]
+    return [line for line in lines if line]
+
+
+BAD = {
+    "missing data folder": lambda data, sd, tmp: (["--data_dir", tmp / "nowhere"], "does not exist"),
+    "empty data folder": lambda data, sd, tmp: ((tmp / "empty" / "train").mkdir(parents=True) or
+                                                ["--data_dir", tmp / "empty"], "no class folders"),
+    "label count": lambda data, sd, tmp: (["--label_file_path", _label_file(tmp, ["a", "b"])], "has 2 prompts"),
+    "unreadable image": lambda data, sd, tmp: (["--data_dir", _corrupt(data), "--num_workers", 2], "3.png"),
+    "not a model": lambda data, sd, tmp: (["--diffusion_checkpoints_path", tmp], "model_index.json"),
+    "too few images": lambda data, sd, tmp: (["--ipc", 7], "fewer than --ipc 7"),
+    "repeated prompts as json": lambda data, sd, tmp: (
+        ["--label_file_path", _label_file(tmp, ["crane", "dog", "crane"]), "--prototype_format", "json"],
+        "default --prototype_format safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, image_folder, tiny_sd, tmp_path, capsys):
+    override, message = BAD[case](image_folder, tiny_sd, tmp_path)
+    out = tmp_path / "protos"
+    capsys.readouterr()
+    assert run_script(SCRIPT, args(image_folder, tiny_sd, out) + override) == 2
+    err = shown(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists() or not any(out.iterdir())

@@ -1,0 +1,102 @@
+"""distillation/gen_syn_image.py: layout, determinism across batch size and processes, resume, bad input."""
+import os
+
+import pytest
+import torch
+
+from conftest import run_script, run_torchrun
+from d4m.prototypes import Prototypes, save_prototypes
+from test_prototypes import shown
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = "distillation/gen_syn_image.py"
+PROMPTS = ["a red fish", "a green bird", "a blue car"]
+FOLDER = "imagefolder_ipc2_4_s0.7_g8_kmexpand1"
+
+
+@pytest.fixture(scope="module")
+def prototypes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("protos") / "imagefolder-ipc2-kmexpand1.safetensors"
+    tensor = torch.randn(3, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    save_prototypes(path, Prototypes(PROMPTS, tensor), "safetensors")
+    return path
+
+
+def args(protos, sd, out, *extra):
+    return ["--dataset", "imagefolder", "--prototype_path", protos, "--diffusion_checkpoints_path", sd,
+            "--save_init_image_path", out, "--ipc", 4, "--km_expand", 1, "--strength", 0.7, "-g", 8,
+            "--num_inference_steps", 4, "--image_size", 24, "--device", "cpu", "--seed", 1, *extra]
+
+
+def images(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def reference(prototypes, tiny_sd, tmp_path_factory):
+    """One run with batch size 3: the images every other run must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("syn-b3")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_script(SCRIPT, args(prototypes, tiny_sd, out, "--batch_size", 3)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return images(out / FOLDER)
+
+
+def test_layout_sorts_in_class_order(reference):
+    assert sorted(reference) == [f"{c}/{j}.png" for c in range(3) for j in range(4)]
+    from PIL import Image
+    import io
+    assert Image.open(io.BytesIO(reference["2/3.png"])).size == (24, 24)
+
+
+def test_batch_size_does_not_change_images(prototypes, tiny_sd, tmp_path, reference):
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 1)) == 0
+    assert images(tmp_path / FOLDER) == reference
+
+
+def test_resume_remakes_only_missing_images(prototypes, tiny_sd, tmp_path, reference):
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 5)) == 0
+    root = tmp_path / FOLDER
+    (root / "1/2.png").unlink()
+    before = {p: os.stat(p).st_mtime_ns for p in root.rglob("*.png")}
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 5)) == 0
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before
+    assert (root / "1/2.png").read_bytes() == reference["1/2.png"]
+    assert images(root) == reference
+
+
+def test_torchrun_two_processes_make_the_same_images(prototypes, tiny_sd, tmp_path, reference):
+    done = run_torchrun(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 3))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert images(tmp_path / FOLDER) == reference
+
+
+def _labels(tmp_path, lines):
+    path = tmp_path / "labels.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return ["--label_file_path", path]
+
+
+BAD = {
+    "prompts differ": lambda tmp: (_labels(tmp, ["a red fish", "a cat", "a blue car"]), "'a cat'"),
+    "class count differs": lambda tmp: (_labels(tmp, PROMPTS[:2]), "has 3 classes but label file"),
+    "ipc not a multiple": lambda tmp: (["--ipc", 3], "not a multiple of the 2 prototypes"),
+    "strength zero": lambda tmp: (["--strength", 0], "--strength must be in (0, 1]"),
+    "strength above one": lambda tmp: (["-s", 1.5], "--strength must be in (0, 1]"),
+    "not a model": lambda tmp: (["--diffusion_checkpoints_path", tmp], "model_index.json"),
+    "missing prototypes": lambda tmp: (["--prototype_path", tmp / "none.safetensors"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_exit_2(case, prototypes, tiny_sd, tmp_path, capsys):
+    override, message = BAD[case](tmp_path)
+    out = tmp_path / "syn"
+    capsys.readouterr()
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, out) + override) == 2
+    err = shown(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+    assert not out.exists()
