@@ -12,7 +12,7 @@ NAME=fashion_mnist_ipc10_10_s0.7_g8.0_kmexpand1
     --fkd-path "outputs/fkd/$NAME" \
     --teacher-path models/fashion_mnist/teacher_convnet.pt \
     -b 50 \
-    --epochs 300 \
+    --epochs 150 \
     --input-size 32 \
     --use-fp16 \
     --mix-type cutmix \
