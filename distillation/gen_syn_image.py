@@ -63,7 +63,8 @@ def label_prompts(args: argparse.Namespace, protos: Prototypes) -> list[str]:
 
 
 def output_dir(args: argparse.Namespace, per_class: int) -> Path:
-    name = (f"{args.dataset}_ipc{per_class}_{args.ipc}_s{args.strength:g}_g{args.guidance_scale:g}"
+    # floats printed as Python does (s0.7, g8.0), the names the original's runs and the later stages use
+    name = (f"{args.dataset}_ipc{per_class}_{args.ipc}_s{float(args.strength)}_g{float(args.guidance_scale)}"
             f"_kmexpand{args.km_expand}")
     return Path(args.save_init_image_path) / name
 

@@ -11,7 +11,7 @@ from test_prototypes import shown
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = "distillation/gen_syn_image.py"
 PROMPTS = ["a red fish", "a green bird", "a blue car"]
-FOLDER = "imagefolder_ipc2_4_s0.7_g8_kmexpand1"
+FOLDER = "imagefolder_ipc2_4_s0.7_g8.0_kmexpand1"
 
 
 @pytest.fixture(scope="module")

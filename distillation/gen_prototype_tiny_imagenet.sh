@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Stage 1 for Tiny-ImageNet: 10 prototypes per class (k-means mini-batches of km_expand*ipc = 10 latents)
+# from Stable Diffusion v1.5; writes outputs/prototypes/tiny_imagenet-ipc10-kmexpand1.safetensors.
+# Runs from any folder. DATA_DIR, SD_MODEL and PYTHON override the defaults; NPROC=8 runs it under torchrun
+# with 8 processes; extra flags are passed through (e.g. --prototype_format json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
+RUN=("$PY")
+if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
+"${RUN[@]}" distillation/gen_prototype.py \
+    --dataset tiny_imagenet \
+    --data_dir "${DATA_DIR:-data/tiny_imagenet}" \
+    --diffusion_checkpoints_path "${SD_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}" \
+    --label_file_path distillation/label-prompt/tiny_imagenet.txt \
+    --ipc 10 \
+    --km_expand 1 \
+    --batch_size 10 \
+    --size 512 \
+    --save_prototype_path outputs/prototypes \
+    "$@"

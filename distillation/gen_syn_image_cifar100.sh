@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Stage 2 for CIFAR-100: 10 images per class from the 10 prototypes of gen_prototype_cifar100.sh
+# (guidance 8, strength 0.7, Stable Diffusion v1.5), saved at 32 px under
+# outputs/syn/cifar100_ipc10_10_s0.7_g8.0_kmexpand1/<class>/.
+# Runs from any folder and resumes an interrupted run. SD_MODEL and PYTHON override the defaults; NPROC=8 runs
+# it under torchrun with 8 processes; extra flags are passed through (e.g. --batch_size 20).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
+RUN=("$PY")
+if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
+"${RUN[@]}" distillation/gen_syn_image.py \
+    --dataset cifar100 \
+    --diffusion_checkpoints_path "${SD_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}" \
+    --label_file_path distillation/label-prompt/cifar100.txt \
+    --prototype_path outputs/prototypes/cifar100-ipc10-kmexpand1.safetensors \
+    --save_init_image_path outputs/syn \
+    --ipc 10 \
+    --km_expand 1 \
+    --guidance_scale 8 \
+    --strength 0.7 \
+    --image_size 32 \
+    "$@"
