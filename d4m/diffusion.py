@@ -89,7 +89,8 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     if local.exists():
         _check_local_folder(cls, local)
     elif not HUB_ID.match(path):
-        raise UsageError(f"model {path!r} is neither an existing folder nor a hub id like owner/name; fix --diffusion_checkpoints_path")
+        raise UsageError(f"model {path!r} is neither an existing folder nor a hub id like owner/name; "
+                         "fix --diffusion_checkpoints_path")
     kwargs = {}
     if "safety_checker" in cls._get_signature_keys(cls)[0] and not safety_checker:
         kwargs = dict(safety_checker=None, requires_safety_checker=False)
@@ -97,8 +98,10 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     try:
         pipe = cls.from_pretrained(str(local) if local.exists() else path, dtype=pipeline_dtype(device), **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load Stable Diffusion checkpoint {path}: {first}") from err
+        # diffusers' messages run long (and point at a stack trace the user will not see): keep the gist
+        gist = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" (")[0]
+        where = "" if local.exists() else " (a hub id: is it right, and is it downloaded or the network reachable?)"
+        raise UsageError(f"cannot load Stable Diffusion checkpoint {path}{where}: {gist}") from err
     if safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise UsageError(f"--safety_checker asked for, but checkpoint {path} has none; run without --safety_checker")
     pipe.set_progress_bar_config(disable=True)

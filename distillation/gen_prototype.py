@@ -118,7 +118,9 @@ class ClassClusterer:
         return self.kmeans.cluster_centers_
 
 
-def encode_and_cluster(args, data: Dataset, members: list[list[int]], classes: list[int], rank: int) -> dict[int, np.ndarray]:
+def encode_and_cluster(
+    args: argparse.Namespace, data: Dataset, members: list[list[int]], classes: list[int], rank: int
+) -> dict[int, np.ndarray]:
     """Prototypes [ipc, 4, h, w] of each class in `classes`."""
     device = pick_device(args.device)
     pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
@@ -129,7 +131,8 @@ def encode_and_cluster(args, data: Dataset, members: list[list[int]], classes: l
     clusterers = {label: ClassClusterer(args.ipc, args.km_expand) for label in classes}
     shape = None
     # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
-    with batch_invariant(pipe, device), tqdm(total=len(batches), desc="encoding", disable=rank != 0, leave=False) as bar:
+    bar = tqdm(total=len(batches), desc="encoding", disable=rank != 0, leave=False)
+    with batch_invariant(pipe, device), bar:
         for batch in loader:
             errors = [e for e in batch["error"] if e]
             if errors:
@@ -171,9 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     members = class_indices(data.targets, num_classes)
     small = [c for c, m in enumerate(members) if len(m) < args.ipc]
     if small:
-        raise UsageError(f"class {class_names[small[0]]} has {len(members[small[0]])} images, fewer than --ipc {args.ipc}; "
-                         "lower --ipc or add images")
-    out = Path(args.save_prototype_path) / prototype_filename(args.dataset, args.ipc, args.km_expand, args.prototype_format)
+        name, count = class_names[small[0]], len(members[small[0]])
+        raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
+    name = prototype_filename(args.dataset, args.ipc, args.km_expand, args.prototype_format)
+    out = Path(args.save_prototype_path) / name
 
     local, error = {}, ""
     try:

@@ -53,12 +53,13 @@ def label_prompts(args: argparse.Namespace, protos: Prototypes) -> list[str]:
         return protos.prompts
     prompts = load_prompts(path, NUM_CLASSES.get(args.dataset))
     if len(prompts) != len(protos.prompts):
-        raise UsageError(f"prototype file {args.prototype_path} has {len(protos.prompts)} classes but label file {path} "
-                         f"has {len(prompts)}; use the label file the prototypes were made with")
+        raise UsageError(f"prototype file {args.prototype_path} has {len(protos.prompts)} classes but label file "
+                         f"{path} has {len(prompts)}; use the label file the prototypes were made with")
     diff = next((c for c, (a, b) in enumerate(zip(prompts, protos.prompts)) if a != b), None)
     if diff is not None:
-        raise UsageError(f"prototype file {args.prototype_path} has prompt {protos.prompts[diff]!r} for class {diff} but "
-                         f"label file {path} has {prompts[diff]!r}; use the label file the prototypes were made with")
+        raise UsageError(f"prototype file {args.prototype_path} has prompt {protos.prompts[diff]!r} for class {diff} "
+                         f"but label file {path} has {prompts[diff]!r}; "
+                         "use the label file the prototypes were made with")
     return prompts
 
 
@@ -93,14 +94,17 @@ class EmbeddingCache:
         return torch.cat([p for p, _ in pairs]), negative
 
 
-def synthesize(args, protos: Prototypes, prompts: list[str], jobs: list[tuple[int, int, Path]], rank: int) -> None:
+Job = tuple[int, int, Path]  # (class, image index, output file)
+
+
+def synthesize(args: argparse.Namespace, protos: Prototypes, prompts: list[str], jobs: list[Job], rank: int) -> None:
     device = pick_device(args.device)
     pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
                          safety_checker=args.safety_checker)
     embeds = EmbeddingCache(pipe, args.negative_prompt, args.guidance_scale > 1)
     repeats = args.ipc // protos.per_class
-    with batch_invariant(pipe, device), tqdm(total=len(jobs), desc="synthesis", unit="img", disable=rank != 0,
-                                       leave=False) as bar:
+    bar = tqdm(total=len(jobs), desc="synthesis", unit="img", disable=rank != 0, leave=False)
+    with batch_invariant(pipe, device), bar:
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start : start + args.batch_size]
             latents = torch.stack([protos.tensor[c, j // repeats] for c, j, _ in batch])
