@@ -19,9 +19,11 @@ Two ways to turn a plan into pixels, both exact replays of the same parameters:
     like PIL), then flips. The two paths differ only in the resize arithmetic (and PIL's rounding to uint8).
 Normalisation and mixing are then applied batched on the device, identically for both paths.
 
-Soft-label store (a directory): `meta.json` and `epoch_XXXX.safetensors` per epoch holding the plan and
-either full teacher logits [N,C] or, with top-K, the K largest logits (`topk_values`), their class indices
-(`topk_indices`, int16 when C <= 32767) and the mean of the other C-K logits (`rest_mean`). The target is
+Soft-label store (a directory): `meta.json` and `epoch_XXXX.safetensors` per epoch holding the plan (stored
+compactly: order int32, crops float32, which still gives back the exact pixel boxes, perm int16) and either
+full teacher logits [N,C] or, with top-K, the K largest logits (`topk_values`), their class indices bit-packed
+at ceil(log2 C) bits each (`topk_indices`, uint8; 10 bits for 1000 classes instead of 16) and the mean of
+the other C-K logits (`rest_mean`). The target is
 rebuilt by scattering the top-K into a row filled with that mean: the tail then keeps about the right
 softmax mass at any temperature (exactly in the limit of high T, where a tail of -inf or 0 would be badly off).
 """
@@ -378,9 +380,40 @@ def open_store(store: str | Path, meta: dict, create: bool = True) -> int:
     return epoch
 
 
-def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Tensor, topk: Optional[int]) -> None:
+def index_bits(classes: int) -> int:
+    return max(1, math.ceil(math.log2(classes)))
+
+
+def pack_indices(indices: torch.Tensor, classes: int) -> torch.Tensor:
+    """Class indices [N,K] -> uint8 bytes holding ceil(log2 C) bits per index."""
+    bits = index_bits(classes)
+    values = indices.long().cpu().numpy()[..., None] >> np.arange(bits)
+    return torch.from_numpy(np.packbits((values & 1).astype(np.uint8).ravel()))
+
+
+def unpack_indices(packed: torch.Tensor, rows: int, k: int, classes: int) -> torch.Tensor:
+    bits = index_bits(classes)
+    flat = np.unpackbits(packed.numpy(), count=rows * k * bits).reshape(rows, k, bits).astype(np.int64)
+    return torch.from_numpy((flat << np.arange(bits)).sum(-1))
+
+
+def compact_plan(plan: EpochPlan) -> dict[str, torch.Tensor]:
+    """The plan in the narrowest exact dtypes (crop fractions k/H survive float32 for any H < 2**22)."""
     tensors = plan.tensors()
-    tensors.update(topk_compress(logits, topk) if topk else {"logits": logits})
+    tensors["order"] = tensors["order"].int()
+    tensors["crops"] = tensors["crops"].float()
+    tensors["perm"] = tensors["perm"].to(torch.int16 if plan.batch_size <= 32767 else torch.int32)
+    return tensors
+
+
+def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Tensor, topk: Optional[int]) -> None:
+    tensors = compact_plan(plan)
+    if topk:
+        parts = topk_compress(logits, topk)
+        parts["topk_indices"] = pack_indices(parts["topk_indices"], logits.shape[1])
+        tensors.update(parts)
+    else:
+        tensors["logits"] = logits
     with atomic_path(epoch_file(store, epoch)) as tmp:
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
@@ -391,7 +424,10 @@ def read_epoch(store: str | Path, epoch: int, meta: dict) -> tuple[EpochPlan, to
     if not path.is_file():
         raise UsageError(f"soft-label file {path} is missing; rerun matching to complete the store")
     tensors = load_file(str(path))
+    tensors.update(order=tensors["order"].long(), crops=tensors["crops"].double(), perm=tensors["perm"].long())
     plan = EpochPlan.from_tensors(tensors, meta["batch_size"])
     if "logits" in tensors:
         return plan, tensors["logits"].float()
-    return plan, topk_rebuild(tensors["topk_values"], tensors["topk_indices"], tensors["rest_mean"], meta["num_classes"])
+    values = tensors["topk_values"]
+    indices = unpack_indices(tensors["topk_indices"], values.shape[0], values.shape[1], meta["num_classes"])
+    return plan, topk_rebuild(values, indices, tensors["rest_mean"], meta["num_classes"])

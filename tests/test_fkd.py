@@ -60,6 +60,22 @@ def test_topk_rebuild():
     assert torch.allclose(rebuilt.mean(1), logits.mean(1))
 
 
+def test_packed_indices_round_trip():
+    for classes in (2, 10, 1000, 40000):
+        indices = torch.randint(classes, (7, 5), generator=torch.Generator().manual_seed(classes))
+        packed = fkd.pack_indices(indices, classes)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-7 * 5 * fkd.index_bits(classes) // 8)
+        assert torch.equal(fkd.unpack_indices(packed, 7, 5, classes), indices)
+
+
+def test_compact_plan_replays_the_same_pixel_boxes():
+    plan = plan_for(hw=(223, 517))
+    compact = fkd.compact_plan(plan)
+    hw = torch.tensor([[223, 517]]).expand(12, 2)
+    assert torch.equal(fkd.pixel_boxes(compact["crops"].double(), hw), fkd.pixel_boxes(plan.crops, hw))
+    assert torch.equal(compact["perm"].long(), plan.perm) and compact["perm"].dtype == torch.int16
+
+
 def views_of(loader: str, data, plan, jobs, workers=0):
     paths = [p for p, _ in data.samples]
     hw = fkd.image_sizes(paths)
