@@ -4,17 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from sklearn.cluster import MiniBatchKMeans
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
 from d4m.diffusion import batch_invariant, load_pipeline
+from d4m.kmeans import METHODS, class_centres
 from d4m.prototypes import FORMATS, Prototypes, check_json_prompts, prototype_filename, save_prototypes
 from d4m.runtime import UsageError, cli, init_distributed, pick_device, seeded_generator
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
@@ -22,13 +23,17 @@ from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLate
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch_size", type=int, default=10, help="images per VAE call")
+    parser.add_argument("--batch_size", type=int, default=10,
+                        help="images per VAE call (batches never cross classes; 64 or more is faster on a GPU)")
     parser.add_argument("--data_dir", type=str, default=None, help="dataset root (train/ inside for ImageFolder sets)")
     parser.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS)
     parser.add_argument("--diffusion_checkpoints_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="local diffusers folder or hub id")
     parser.add_argument("--ipc", type=int, default=1, help="prototypes (k-means centres) per class")
     parser.add_argument("--km_expand", type=int, default=10, help="k-means mini-batch = km_expand * ipc latents")
+    parser.add_argument("--kmeans", type=str, default="faithful", choices=METHODS,
+                        help="faithful: the original's per-class MiniBatchKMeans fed km_expand*ipc latents at a time; "
+                             "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device")
     parser.add_argument("--label_file_path", type=str, default=None, help="one prompt per class, in class order")
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
@@ -90,61 +95,52 @@ def class_batches(members: list[list[int]], classes: list[int], seed: int, batch
     return batches
 
 
-class ClassClusterer:
-    """One class's MiniBatchKMeans, fed `km_expand * ipc` latents per partial_fit, in arrival order."""
+Clustered = dict[int, tuple[np.ndarray, float]]  # class -> (prototypes [ipc, 4, h, w], inertia)
 
-    def __init__(self, ipc: int, km_expand: int):
-        self.ipc = ipc
-        self.chunk = km_expand * ipc
-        self.kmeans = MiniBatchKMeans(n_clusters=ipc, random_state=0, batch_size=self.chunk, n_init="auto")
-        self.pending: list[np.ndarray] = []
-        self.fitted = False
 
-    def add(self, latents: np.ndarray) -> None:
-        for row in latents:
-            self.pending.append(row)
-            if len(self.pending) == self.chunk:
-                self._fit()
-
-    def _fit(self) -> None:
-        self.kmeans.partial_fit(np.stack(self.pending))
-        self.pending = []
-        self.fitted = True
-
-    def centres(self) -> np.ndarray:
-        """Flush the leftover (when it has at least ipc latents) and return the [ipc, features] centres."""
-        if len(self.pending) >= self.ipc:
-            self._fit()
-        return self.kmeans.cluster_centers_
+def encoded_classes(pipe: StableDiffusionGenLatentsPipeline, loader: DataLoader, labels: dict[int, int],
+                    seed: int, bar: tqdm) -> Iterator[tuple[int, torch.Tensor]]:
+    """(class, all its latents [n, 4, h, w] in encoding order), each as soon as the class's last batch is encoded
+    (the loader's batches come class after class)."""
+    pending: list[torch.Tensor] = []
+    current = -1
+    for batch in loader:
+        errors = [e for e in batch["error"] if e]
+        if errors:
+            raise UsageError(errors[0])
+        indices = batch["index"].tolist()
+        label = labels[indices[0]]
+        if pending and label != current:
+            yield current, torch.cat(pending)
+            pending = []
+        current = label
+        generators = [seeded_generator(seed, label, i) for i in indices]
+        pending.append(pipe(batch["image"], generator=generators).latents.float().cpu())
+        bar.update()
+    if pending:
+        yield current, torch.cat(pending)
 
 
 def encode_and_cluster(
     args: argparse.Namespace, data: Dataset, members: list[list[int]], classes: list[int], rank: int
-) -> dict[int, np.ndarray]:
-    """Prototypes [ipc, 4, h, w] of each class in `classes`."""
+) -> Clustered:
+    """Prototypes and inertia of each class in `classes`: the VAE alone encodes batches of one class (loaded by
+    workers, through pinned memory on CUDA), and a class is clustered once all its latents are in."""
     device = pick_device(args.device)
     pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
     batches = class_batches(members, classes, args.seed, args.batch_size)
     loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     labels = {index: label for label in classes for index in members[label]}
-    clusterers = {label: ClassClusterer(args.ipc, args.km_expand) for label in classes}
-    shape = None
+    done: Clustered = {}
     # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
     bar = tqdm(total=len(batches), desc="encoding", disable=rank != 0, leave=False)
     with batch_invariant(pipe, device), bar:
-        for batch in loader:
-            errors = [e for e in batch["error"] if e]
-            if errors:
-                raise UsageError(errors[0])
-            indices = batch["index"].tolist()
-            label = labels[indices[0]]
-            generators = [seeded_generator(args.seed, label, i) for i in indices]
-            latents = pipe(batch["image"], generator=generators).latents.float().cpu()
-            shape = latents.shape[1:]
-            clusterers[label].add(latents.reshape(len(latents), -1).numpy())
-            bar.update()
-    return {label: c.centres().reshape(args.ipc, *shape).astype(np.float32) for label, c in clusterers.items()}
+        for label, latents in encoded_classes(pipe, loader, labels, args.seed, bar):
+            centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand, args.seed,
+                                           label, device)
+            done[label] = centres.reshape(args.ipc, *latents.shape[1:]), score
+    return done
 
 
 def gather(local: dict, error: str, world: int) -> tuple[dict, str]:
@@ -188,11 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     if error:
         raise UsageError(error)
     if rank == 0:
-        tensor = torch.from_numpy(np.stack([merged[c] for c in range(num_classes)]))
+        tensor = torch.from_numpy(np.stack([merged[c][0] for c in range(num_classes)]))
+        inertias = [float(f"{merged[c][1]:.8g}") for c in range(num_classes)]  # 8 digits: the same in every run
+        mean = float(f"{np.mean(inertias):.8g}")
         metadata = dict(dataset=args.dataset, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
-                        seed=str(args.seed), class_names=json.dumps(class_names))
+                        seed=str(args.seed), class_names=json.dumps(class_names), kmeans=args.kmeans,
+                        inertia=json.dumps(inertias), mean_inertia=str(mean))
         save_prototypes(out, Prototypes(prompts, tensor, metadata), args.prototype_format)
         print(f"wrote {num_classes} x {args.ipc} prototypes to {out}")
+        print(f"k-means {args.kmeans}: mean per-class inertia {mean:.6g}")
 
 
 if __name__ == "__main__":

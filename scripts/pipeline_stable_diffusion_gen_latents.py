@@ -65,7 +65,8 @@ class StableDiffusionGenLatentsPipeline(DiffusionPipeline):
         `strength`: when given, also return the latents noised to img2img's start timestep for it.
         """
         device, dtype = self.vae.device, self.vae.dtype
-        pixels = self.to_tensor(images).to(device=device, dtype=dtype) * 2 - 1
+        # non-blocking: a pinned batch (DataLoader pin_memory) is copied while the GPU is still busy
+        pixels = self.to_tensor(images).to(device=device, non_blocking=True).to(dtype) * 2 - 1
         posterior = self.vae.encode(pixels).latent_dist
         eps = randn_tensor(posterior.mean.shape, generator=generator, device=device, dtype=posterior.mean.dtype)
         latents = (posterior.mean + posterior.std * eps) * self.vae.config.scaling_factor

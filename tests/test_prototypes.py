@@ -109,3 +109,45 @@ def test_bad_input_is_one_line_and_exit_2(case, image_folder, tiny_sd, tmp_path,
     err = shown(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def blobs(seed=0, centres=4, per=50, dim=32, spread=0.1):
+    """Well-separated clusters in the shape of flattened latents."""
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.randn(centres, dim, generator=gen) * 5
+    return (means.repeat_interleave(per, 0) + spread * torch.randn(centres * per, dim, generator=gen))
+
+
+def test_full_kmeans_is_deterministic_and_finds_sklearns_optimum():
+    from sklearn.cluster import KMeans
+
+    from d4m.kmeans import class_centres, full_centres
+
+    x = blobs()
+    first = full_centres(x, 4, seed=0, label=3, device=torch.device("cpu"))
+    assert np.array_equal(first, full_centres(x, 4, seed=0, label=3, device=torch.device("cpu")))
+    _, full = class_centres("full", x, 4, 1, 0, 3, torch.device("cpu"))
+    _, faithful = class_centres("faithful", x, 4, 1, 0, 3, torch.device("cpu"))
+    best = KMeans(n_clusters=4, n_init=10, random_state=0).fit(x.double().numpy()).inertia_
+    assert full == pytest.approx(best, rel=1e-5)
+    assert full <= faithful * (1 + 1e-6)
+
+
+def test_inertia_is_the_sum_of_squared_distances_to_the_nearest_centre():
+    from d4m.kmeans import inertia
+
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    assert inertia(x, np.array([[0.0, 0.0], [10.0, 1.0]]), torch.device("cpu")) == pytest.approx(0 + 1 + 1)
+
+
+@pytest.mark.parametrize("method", ["faithful", "full"])
+def test_kmeans_method_and_inertia_are_reported_and_stored(method, image_folder, tiny_sd, tmp_path, capsys):
+    out = tmp_path / "protos"
+    assert run_script(SCRIPT, args(image_folder, tiny_sd, out, "--kmeans", method)) == 0
+    protos = load_prototypes(out / "imagefolder-ipc2-kmexpand2.safetensors")
+    assert protos.tensor.shape == (3, 2, 4, 16, 16)
+    inertias = json.loads(protos.metadata["inertia"])
+    assert protos.metadata["kmeans"] == method and len(inertias) == 3 and all(v > 0 for v in inertias)
+    mean = float(protos.metadata["mean_inertia"])
+    assert mean == pytest.approx(np.mean(inertias), rel=1e-6)
+    assert f"k-means {method}: mean per-class inertia {mean:.6g}" in capsys.readouterr().out
