@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
@@ -17,9 +20,66 @@ from d4m.runtime import UsageError
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def pipeline_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (as the original runs SD), fp32 elsewhere."""
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def pipeline_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """`name` from DTYPES, or auto: fp16 on CUDA (as the original runs SD), fp32 elsewhere."""
+    if name != "auto":
+        return DTYPES[name]
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def use_sdpa(pipe) -> None:
+    """Make every attention layer use PyTorch's fused scaled_dot_product_attention (flash / memory-efficient
+    kernels where the device has them) through diffusers' AttnProcessor2_0, whatever the checkpoint set."""
+    for component in pipe.components.values():
+        processors = getattr(component, "attn_processors", None)
+        if processors and not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
+            component.set_attn_processor(AttnProcessor2_0())
+
+
+def compile_unavailable(device: torch.device) -> str:
+    """Why torch.compile cannot run here ('' when it can)."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    import torch._dynamo as dynamo
+
+    if not dynamo.is_dynamo_supported():
+        return "TorchDynamo does not support this Python or platform"
+    compiler = os.environ.get("CXX", "g++")
+    if device.type == "cpu" and shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) for TorchInductor's CPU kernels"
+    return ""
+
+
+def compile_unet(pipe, device: torch.device) -> str:
+    """torch.compile the pipeline's UNet in place; returns '' or, when compiling is unavailable (the UNet then
+    stays as it was), the reason."""
+    reason = compile_unavailable(device)
+    if not reason:
+        pipe.unet.compile()
+    return reason
+
+
+class EmbeddingCache:
+    """Each prompt (and the negative prompt) goes through a pipeline's text encoder once."""
+
+    def __init__(self, pipe, negative: str, guidance: bool):
+        self.pipe, self.negative, self.guidance = pipe, negative, guidance
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if prompt not in self.cache:
+            negative = [self.negative] if self.guidance else None
+            self.cache[prompt] = self.pipe.encode_prompt([prompt], self.pipe.device, 1, self.guidance, negative)
+        return self.cache[prompt]
+
+    def batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(positive, negative or None) embeddings for `prompts`, concatenated in order."""
+        pairs = [self(p) for p in prompts]
+        negative = torch.cat([n for _, n in pairs]) if self.guidance else None
+        return torch.cat([p for p, _ in pairs]), negative
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -83,8 +143,9 @@ def _check_local_folder(cls, folder: Path) -> None:
         raise UsageError(f"{folder} is not a Stable Diffusion checkpoint: it lacks {', '.join(missing)}")
 
 
-def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = False):
-    """`cls.from_pretrained(path)` on `device`, without the safety checker unless asked for, or a UsageError."""
+def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = False, dtype: str = "auto"):
+    """`cls.from_pretrained(path)` on `device` in `dtype` (a DTYPES name or auto), its attention on SDPA, without
+    the safety checker unless asked for; or a UsageError."""
     local = Path(path).expanduser()
     if local.exists():
         _check_local_folder(cls, local)
@@ -96,7 +157,7 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
         kwargs = dict(safety_checker=None, requires_safety_checker=False)
     diffusers_logging.disable_progress_bar()  # the loading bar would sit above any later one-line error
     try:
-        pipe = cls.from_pretrained(str(local) if local.exists() else path, dtype=pipeline_dtype(device), **kwargs)
+        pipe = cls.from_pretrained(str(local) if local.exists() else path, dtype=pipeline_dtype(device, dtype), **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError) as err:
         # diffusers' messages run long (and point at a stack trace the user will not see): keep the gist
         gist = (str(err).strip().splitlines() or [type(err).__name__])[0].split(" (")[0]
@@ -105,4 +166,5 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     if safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise UsageError(f"--safety_checker asked for, but checkpoint {path} has none; run without --safety_checker")
     pipe.set_progress_bar_config(disable=True)
+    use_sdpa(pipe)
     return pipe.to(device)

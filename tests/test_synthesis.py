@@ -100,3 +100,57 @@ def test_bad_input_is_one_line_and_exit_2(case, prototypes, tiny_sd, tmp_path, c
     err = shown(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not out.exists()
+
+
+def test_dtype_auto_is_float32_on_cpu_and_float16_on_cuda():
+    from d4m.diffusion import pipeline_dtype
+
+    assert pipeline_dtype(torch.device("cpu")) == torch.float32
+    assert pipeline_dtype(torch.device("cuda")) == torch.float16
+    assert pipeline_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
+
+
+def test_dtype_flag_sets_the_pipeline_dtype_and_float32_keeps_the_images(prototypes, tiny_sd, tmp_path, reference):
+    from d4m.diffusion import load_pipeline
+    from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
+
+    pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, str(tiny_sd), torch.device("cpu"), dtype="bfloat16")
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 6, "--dtype", "float32")) == 0
+    assert images(tmp_path / FOLDER) == reference
+
+
+def test_attention_runs_on_sdpa(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from d4m.diffusion import load_pipeline, use_sdpa
+    from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
+
+    pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, str(tiny_sd), torch.device("cpu"))
+    for model in (pipe.unet, pipe.vae):
+        assert all(isinstance(p, AttnProcessor2_0) for p in model.attn_processors.values())
+    pipe.unet.set_attn_processor(AttnProcessor())
+    use_sdpa(pipe)
+    assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
+
+
+def test_compile_wraps_the_unet_where_available(tiny_sd):
+    from d4m.diffusion import compile_unavailable, compile_unet, load_pipeline
+    from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
+
+    cpu = torch.device("cpu")
+    if compile_unavailable(cpu):
+        pytest.skip(compile_unavailable(cpu))
+    pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, str(tiny_sd), cpu)
+    assert compile_unet(pipe, cpu) == ""
+    assert pipe.unet._compiled_call_impl is not None  # what nn.Module.compile() sets; compiling runs on first use
+
+
+def test_compile_unavailable_is_skipped_with_a_message(prototypes, tiny_sd, tmp_path, reference, monkeypatch, capsys):
+    import d4m.diffusion
+
+    monkeypatch.setattr(d4m.diffusion, "compile_unavailable", lambda device: "no compiler here")
+    capsys.readouterr()
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 6, "--compile")) == 0
+    assert "--compile skipped: no compiler here; the UNet runs uncompiled" in capsys.readouterr().err
+    assert images(tmp_path / FOLDER) == reference
