@@ -99,8 +99,8 @@ def batch_invariant(pipe, device: torch.device) -> Iterator[None]:
     """On CPU, make every image's result independent of the images batched beside it, bit for bit.
 
     Without this an image changes in the last bits (sometimes by one PNG level) with the batch size, from
-    three CPU kernel choices: oneDNN convolutions pick algorithms by batch size (turned off: PyTorch's own
-    convolution handles each image separately); GroupNorm and convolution reduce in another order when
+    three CPU kernel choices: oneDNN convolutions pick algorithms by batch size, and NNPACK takes over
+    convolutions of 16 images or more (both turned off: PyTorch's own convolution handles each image separately); GroupNorm and convolution reduce in another order when
     handed channels-last strided tensors, which diffusers' attention blocks produce for some batch sizes
     (inputs made contiguous); and 2-D matrix products (the timestep embedding) take other paths for
     1, 2-3 and more rows (computed row by row). cuBLAS and cuDNN give no such guarantee on GPU.
@@ -118,7 +118,8 @@ def batch_invariant(pipe, device: torch.device) -> Iterator[None]:
     mkldnn = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
-        yield
+        with torch.backends.nnpack.flags(enabled=False):
+            yield
     finally:
         torch.backends.mkldnn.enabled = mkldnn
         for handle in handles:

@@ -60,3 +60,15 @@ def test_latents2img_matches_stock_img2img(tiny_sd):
                     negative_prompt_embeds=torch.cat([n for _, n in pairs]), generator=generators(1, 2, 3),
                     **common).images
     assert np.abs(embedded - expected).max() <= 1e-5
+
+
+def test_batch_invariant_latents_hold_for_large_batches(tiny_sd):
+    """16 images or more once took another convolution kernel (NNPACK) than smaller batches."""
+    from d4m.diffusion import batch_invariant
+
+    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, str(tiny_sd), CPU)
+    images = torch.rand(17, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with batch_invariant(pipe, CPU):
+        whole = pipe(images, generator=generators(*range(17))).latents
+        alone = torch.cat([pipe(images[i : i + 1], generator=generators(i)).latents for i in range(17)])
+    assert torch.equal(whole, alone)
