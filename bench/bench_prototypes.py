@@ -5,6 +5,7 @@ Encoding, on the same images with the same per-image generators (the latents mus
             (prompt and empty negative), the VAE encodes, the latents are noised to img2img's start timestep
             (strength 0.7 of 50 steps); all but the clean latents is discarded.
   project:  the VAE alone, batches of 64, DataLoader workers, pinned memory on CUDA.
+On CPU both run with gen_prototype.py's batch-invariant kernels (exactly equal latents) unless --no-invariant.
 K-means, on the project's latents of every class at --ipc: the faithful per-class MiniBatchKMeans fed
 km_expand*ipc latents at a time vs full-batch k-means (k-means++, Lloyd) on the device; time and mean
 per-class inertia (sum of squared distances of a class's latents to their nearest centre).
@@ -15,6 +16,7 @@ per-class inertia (sum of squared distances of a class's latents to their neares
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import tempfile
 import time
@@ -54,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); on a busy machine 1 thread is much faster than 2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-invariant", action="store_true",
+                   help="on CPU, let kernels vary with the batch (faster; latents then differ in the last bits)")
     return p.parse_args()
 
 
@@ -143,7 +147,8 @@ def main() -> None:
     pin = device.type == "cuda"
     slow = DataLoader(data, batch_size=args.original_batch, num_workers=args.workers)
     fast = DataLoader(data, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin)
-    with batch_invariant(full, device):
+    invariant = device.type == "cpu" and not args.no_invariant
+    with batch_invariant(full, device) if invariant else contextlib.nullcontext():
         encode_all(DataLoader(Subset(data, range(2))), args.seed, original_encoder(full, gen, prompts))  # warm-up
         (reference, _), t_original = timed(lambda: encode_all(slow, args.seed, original_encoder(full, gen, prompts)),
                                            device)
@@ -156,7 +161,8 @@ def main() -> None:
                                f"noising per batch, {args.workers} workers)"),
         ("encoding, VAE only", f"{n / t_project:.1f} images/s (batch {args.batch_size}, {args.workers} workers"
                                f"{', pinned' if pin else ''})"),
-        ("encoding ratio", f"{t_original / t_project:.2f}x"),
+        ("encoding ratio", f"{t_original / t_project:.2f}x (batch-invariant CPU kernels: "
+                           f"{'yes' if invariant else 'no'})"),
         ("max abs diff of latents", f"{float((latents - reference).abs().max()):.3g}"),
         ("k-means settings", f"ipc {args.ipc}, km_expand {args.km_expand}, on {device}"),
         *kmeans_rows(args, latents, labels, device),
