@@ -11,7 +11,8 @@ loads through `StableDiffusionPipeline.from_pretrained` like SD-1.5.
 
 Example (the Fashion-MNIST model the repository carries):
     python distillation/train_tiny_ldm.py --dataset fashion_mnist \
-        --data_dir /usr/share/datasets/fashion-mnist --output models/fashion_mnist/ldm
+        --data_dir /usr/share/datasets/fashion-mnist --output models/fashion_mnist/ldm \
+        --max_images 30000 --vae_steps 200 --unet_steps 1800 --fp16
 """
 from __future__ import annotations
 
