@@ -212,15 +212,14 @@ class TensorViews:
         device = self.cache.device
         if len(index) == 0:
             return torch.empty(0, 3, self.size, self.size, device=device)
-        images = self.cache[index.to(device)].float().div_(255)
         hw = torch.tensor(self.cache.shape[2:]).expand(len(index), 2)
-        # One resize per view: crops differ in size, and this beats a batched roi_align about 2x on CPU.
-        out = torch.cat([
-            F.interpolate(image[None, :, top:top + h, left:left + w], size=(self.size, self.size), mode="bilinear",
-                          antialias=True, align_corners=False)
-            for image, (top, left, h, w) in zip(images, pixel_boxes(crops, hw).tolist())
-        ])
-        return torch.where(flips.to(device).bool()[:, None, None, None], out.flip(-1), out)
+        views = []
+        # One resize per view (crops differ in size), cropping the uint8 image before any conversion.
+        for i, (top, left, h, w), flip in zip(index.tolist(), pixel_boxes(crops, hw).tolist(), flips.tolist()):
+            crop = self.cache[i, :, top:top + h, left:left + w].float()[None]
+            view = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+            views.append(view.flip(-1) if flip else view)
+        return torch.cat(views).div_(255)
 
 
 def image_sizes(paths: Sequence[str]) -> np.ndarray:
@@ -301,9 +300,8 @@ def mix_rows(views: torch.Tensor, plan: EpochPlan, job: Job, mix_type: str) -> t
         lam = float(plan.lam[job.batch])
         return lam * own + (1.0 - lam) * partner
     y1, x1, y2, x2 = plan.box[job.batch].tolist()
-    out = own.clone()
-    out[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]
-    return out
+    own[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]  # `own` is already a copy (advanced indexing)
+    return own
 
 
 def replay_batches(plan: EpochPlan, jobs: list[Job], loader: str, source, workers: int, device: torch.device,
