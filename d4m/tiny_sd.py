@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
-
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -120,10 +118,3 @@ def build_tiny_sd(
     if save:
         pipe.save_pretrained(folder)
     return pipe
-
-
-def load_sd_pipeline(cls, path: str, dtype: Optional[torch.dtype] = None, **kwargs):
-    """Load a diffusers SD folder or hub id into `cls`, without the safety checker unless passed."""
-    kwargs.setdefault("safety_checker", None)
-    kwargs.setdefault("requires_safety_checker", False)
-    return cls.from_pretrained(path, torch_dtype=dtype, **kwargs)

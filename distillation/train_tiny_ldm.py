@@ -218,7 +218,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, output: Path, fp16: bool) -> No
 @torch.no_grad()
 def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_class: int = 8) -> None:
     """Text-to-image samples of the saved model (guidance 4, 50 steps), one row per class."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True,
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     rows = []

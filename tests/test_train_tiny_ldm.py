@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
 
 
 def test_folder_loads_and_runs_img2img(trained):
-    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(trained, torch_dtype=torch.float32, local_files_only=True,
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(trained, dtype=torch.float32, local_files_only=True,
                                                           safety_checker=None, requires_safety_checker=False)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor != 0.18215
     pipe.set_progress_bar_config(disable=True)
