@@ -12,12 +12,7 @@ from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 from d4m.runtime import UsageError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan_for(n: int = 12, mix: str = "cutmix", epoch: int = 0, hw=(32, 32)) -> fkd.EpochPlan:

@@ -13,12 +13,7 @@ from d4m.models import build_model, load_teacher_file, save_teacher
 from fkd_helpers import MATCH, match_args, tiny_setup
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

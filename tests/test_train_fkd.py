@@ -14,12 +14,7 @@ from d4m import fkd
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
