@@ -5,6 +5,7 @@
 # with 8 processes; extra flags are passed through (e.g. --prototype_format json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+IPC=${IPC:-10}  # images per class; the same value must reach all four stages
 PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
 RUN=("$PY")
 if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
@@ -13,7 +14,7 @@ if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_nod
     --data_dir "${DATA_DIR:-data/cifar10}" \
     --diffusion_checkpoints_path "${SD_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}" \
     --label_file_path distillation/label-prompt/cifar10.txt \
-    --ipc 10 \
+    --ipc "$IPC" \
     --km_expand 1 \
     --batch_size 10 \
     --size 512 \

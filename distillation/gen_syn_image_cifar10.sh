@@ -6,6 +6,7 @@
 # it under torchrun with 8 processes; extra flags are passed through (e.g. --batch_size 20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+IPC=${IPC:-10}  # images per class; the same value must reach all four stages
 PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
 RUN=("$PY")
 if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
@@ -13,9 +14,9 @@ if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_nod
     --dataset cifar10 \
     --diffusion_checkpoints_path "${SD_MODEL:-stable-diffusion-v1-5/stable-diffusion-v1-5}" \
     --label_file_path distillation/label-prompt/cifar10.txt \
-    --prototype_path outputs/prototypes/cifar10-ipc10-kmexpand1.safetensors \
+    --prototype_path "outputs/prototypes/cifar10-ipc${IPC}-kmexpand1.safetensors" \
     --save_init_image_path outputs/syn \
-    --ipc 10 \
+    --ipc "$IPC" \
     --km_expand 1 \
     --guidance_scale 8 \
     --strength 0.7 \

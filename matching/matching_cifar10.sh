@@ -3,10 +3,11 @@
 # Runs from any folder; NPROC=8 runs it under torchrun with 8 processes; extra flags are passed through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+IPC=${IPC:-10}  # images per class; the same value must reach all four stages
 PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
 RUN=("$PY")
 if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
-NAME=cifar10_ipc10_10_s0.7_g8.0_kmexpand1
+NAME=cifar10_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
 "${RUN[@]}" matching/generate_soft_label.py \
     --data "outputs/syn/$NAME" \
     --fkd-path "outputs/fkd/$NAME" \
