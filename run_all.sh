@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole D4M chain with one command.
-#   bash run_all.sh                 # Fashion-MNIST, offline, CPU: prototypes, synthesis, soft labels, student,
+#   bash run_all.sh                 # Fashion-MNIST, offline, CPU (IPC=10 by default): prototypes, synthesis, soft labels, student,
 #                                   # plus the random-real baseline, a results table and a picture
 #   bash run_all.sh imagenet        # chains that dataset's four launchers (also tiny_imagenet, cifar10, cifar100)
 # Stages resume: rerunning after an interruption continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATASET=${1:-fashion_mnist}
+export IPC=${IPC:-10}
 export PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python
 
@@ -30,14 +31,14 @@ case "$DATASET" in
 esac
 
 start=$(date +%s)
-NAME=fashion_mnist_ipc10_10_s0.7_g8.0_kmexpand1
-REAL=real_fashion_mnist_ipc10
+NAME=fashion_mnist_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
+REAL=real_fashion_mnist_ipc${IPC}
 echo "== 1/4 prototypes"
 bash distillation/gen_prototype_fashion_mnist.sh
 echo "== 2/4 synthesis"
 bash distillation/gen_syn_image_fashion_mnist.sh
 echo "== 3/4 soft labels (D4M images, then the random-real baseline)"
-"$PYTHON" distillation/sample_real.py --dataset fashion_mnist --data_dir data/fashion_mnist --ipc 10 --output "outputs/syn/$REAL"
+"$PYTHON" distillation/sample_real.py --dataset fashion_mnist --data_dir data/fashion_mnist --ipc "$IPC" --output "outputs/syn/$REAL"
 bash matching/matching_fashion_mnist.sh
 bash matching/matching_fashion_mnist.sh --data "outputs/syn/$REAL" --fkd-path "outputs/fkd/$REAL"
 echo "== 4/4 student training (D4M images, then the random-real baseline)"
@@ -47,7 +48,7 @@ bash validate/train_FKD_fashion_mnist.sh --train-dir "outputs/syn/$REAL" --fkd-p
     --teacher-path models/fashion_mnist/teacher_convnet.pt \
     --d4m-dir "outputs/student/$NAME" --real-dir "outputs/student/$REAL" \
     --syn-images "outputs/syn/$NAME" --real-images "outputs/syn/$REAL" \
-    --prototypes outputs/prototypes/fashion_mnist-ipc10-kmexpand1.safetensors \
+    --prototypes "outputs/prototypes/fashion_mnist-ipc${IPC}-kmexpand1.safetensors" --ipc "$IPC" \
     --diffusion_checkpoints_path models/fashion_mnist/ldm \
     --output-json outputs/results_fashion_mnist.json --figure misc/fashion_mnist_d4m.png \
     --seconds $(( $(date +%s) - start ))
