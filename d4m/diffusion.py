@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
+from d4m.device import compile_unavailable
 from d4m.runtime import UsageError
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -37,20 +36,6 @@ def use_sdpa(pipe) -> None:
         processors = getattr(component, "attn_processors", None)
         if processors and not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
             component.set_attn_processor(AttnProcessor2_0())
-
-
-def compile_unavailable(device: torch.device) -> str:
-    """Why torch.compile cannot run here ('' when it can)."""
-    if not hasattr(torch, "compile"):
-        return f"torch {torch.__version__} has no torch.compile"
-    import torch._dynamo as dynamo
-
-    if not dynamo.is_dynamo_supported():
-        return "TorchDynamo does not support this Python or platform"
-    compiler = os.environ.get("CXX", "g++")
-    if device.type == "cpu" and shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) for TorchInductor's CPU kernels"
-    return ""
 
 
 def compile_unet(pipe, device: torch.device) -> str:

@@ -9,15 +9,9 @@ An epoch's augmentation is an `EpochPlan`, drawn from a numpy generator seeded b
   box    [nb,4] int32    per batch, the CutMix box y1, x1, y2, x2 in pixels of the input size
 Batch b covers positions [b*batch_size, min((b+1)*batch_size, N)).
 
-Two ways to turn a plan into pixels, both exact replays of the same parameters:
-  * `PilViews` (per-sample PIL path): PIL crop + bilinear resize (PIL's antialiased filter), flip, ToTensor;
-    a Dataset whose item is a whole job (a list of positions), so any DataLoader worker count gives
-    the same batches.
-  * `TensorViews` (tensor path): the image set decoded once into a uint8 cache [N,3,H,W] on the device;
-    each crop is resized on the device with antialiased bilinear interpolation (the filter PIL's bilinear
-    resize uses), then flipped. The two paths differ only in float vs PIL's fixed-point arithmetic and
-    PIL's rounding to uint8.
-Normalisation and mixing are then applied batched on the device, identically for both paths.
+A job is the part of a batch one process materialises; `d4m.views` turns its crop boxes and flips into pixels
+(the PIL reference or the host cache resized on the device: the same parameters, the same filter), and
+normalisation and mixing are then applied batched on the device, identically for both.
 
 Soft-label store (a directory): `meta.json` and `epoch_XXXX.safetensors` per epoch holding the plan (stored
 compactly: order int32, crops float32, which still gives back the exact pixel boxes, perm int16) and either
@@ -39,17 +33,13 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
 
-from d4m.data import load_rgb
 from d4m.runtime import UsageError, atomic_path, derive_seed
+from d4m.views import CropViews, PilViews, iterate_views
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 MIX_TYPES = ("mixup", "cutmix", "None")
-LOADERS = ("tensor", "pil")
 META_NAME = "meta.json"
 
 
@@ -147,13 +137,7 @@ def draw_epoch(fkd_seed: int, epoch: int, hw: np.ndarray, batch_size: int, input
                      torch.tensor(box, dtype=torch.int32).reshape(-1, 4), batch_size)
 
 
-def pixel_boxes(crops: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
-    """Fraction boxes [k,4] and image sizes [k,2] -> integer top, left, height, width."""
-    scale = torch.stack([hw[:, 0], hw[:, 1], hw[:, 0], hw[:, 1]], 1).double()
-    return torch.round(crops.double() * scale).long()
-
-
-# ----------------------------------------------------------------------------- jobs and views
+# ----------------------------------------------------------------------------- jobs and their views
 
 
 @dataclass
@@ -178,110 +162,6 @@ def job_spec(plan: EpochPlan, job: Job) -> tuple[torch.Tensor, torch.Tensor, tor
     return plan.order[positions], plan.crops[positions], plan.flips[positions]
 
 
-class PilViews(Dataset):
-    """Per-sample PIL path: item j is job j's views as a float tensor [k,3,S,S] in [0,1]."""
-
-    def __init__(self, paths: Sequence[str], size: int, specs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-        self.paths, self.size, self.specs = list(paths), size, specs
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    def __getitem__(self, j: int) -> torch.Tensor:
-        index, crops, flips = self.specs[j]
-        if len(index) == 0:
-            return torch.empty(0, 3, self.size, self.size)
-        return torch.stack([self.view(int(i), c, bool(f)) for i, c, f in zip(index, crops, flips)])
-
-    def view(self, index: int, crop: torch.Tensor, flip: bool) -> torch.Tensor:
-        img = load_rgb(self.paths[index])
-        top, left, h, w = pixel_boxes(crop[None], torch.tensor([[img.height, img.width]]))[0].tolist()
-        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
-        if flip:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-
-
-class TensorViews:
-    """Tensor path: crops of the uint8 cache [N,3,H,W] resized on the device (antialiased bilinear), then flips."""
-
-    def __init__(self, cache: torch.Tensor, size: int):
-        self.cache, self.size = cache, size
-
-    def __call__(self, index: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        device = self.cache.device
-        if len(index) == 0:
-            return torch.empty(0, 3, self.size, self.size, device=device)
-        hw = torch.tensor(self.cache.shape[2:]).expand(len(index), 2)
-        views = []
-        # One resize per view (crops differ in size), cropping the uint8 image before any conversion.
-        for i, (top, left, h, w), flip in zip(index.tolist(), pixel_boxes(crops, hw).tolist(), flips.tolist()):
-            crop = self.cache[i, :, top:top + h, left:left + w].float()[None]
-            view = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-            views.append(view.flip(-1) if flip else view)
-        return torch.cat(views).div_(255)
-
-
-def image_sizes(paths: Sequence[str]) -> np.ndarray:
-    """[N,2] heights and widths, read from the file headers."""
-    sizes = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                sizes.append((img.height, img.width))
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read image {path}: {err}") from err
-    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
-
-
-class _Decode(Dataset):
-    def __init__(self, paths: Sequence[str]):
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(load_rgb(self.paths[i]), dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def check_one_size(hw: np.ndarray) -> None:
-    distinct = np.unique(hw, axis=0)
-    if len(distinct) > 1:
-        raise UsageError(f"the tensor loader needs images of one size, but they have {len(distinct)} sizes "
-                         f"(e.g. {distinct[0].tolist()} and {distinct[1].tolist()}); resize them or use --loader pil")
-
-
-def decode_cache(paths: Sequence[str], hw: np.ndarray, workers: int, device: torch.device) -> torch.Tensor:
-    """Decode every image once into a uint8 tensor [N,3,H,W] on the device; all images must share a size."""
-    check_one_size(hw)
-    loader = DataLoader(_Decode(paths), batch_size=64, num_workers=workers)
-    return torch.cat([batch.to(device) for batch in loader])
-
-
-def iterate_views(loader: str, source: "PilViews | TensorViews", specs: list, workers: int,
-                  device: torch.device) -> Iterator[torch.Tensor]:
-    """Float [k,3,S,S] views of each job spec in order, on the device."""
-    if loader == "tensor":
-        for spec in specs:
-            yield source(*spec)
-        return
-    source.specs = specs
-    dl = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers,
-                    pin_memory=device.type == "cuda", persistent_workers=False)
-    for views in dl:
-        yield views.to(device, non_blocking=True)
-
-
-def build_source(loader: str, paths: Sequence[str], hw: np.ndarray, size: int, workers: int,
-                 device: torch.device) -> "PilViews | TensorViews":
-    if loader == "tensor":
-        return TensorViews(decode_cache(paths, hw, workers, device), size)
-    if loader == "pil":
-        return PilViews(paths, size, [])
-    raise UsageError(f"unknown --loader {loader!r}; choose tensor or pil")
-
-
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype)[:, None, None]
     std_t = torch.tensor(std, device=x.device, dtype=x.dtype)[:, None, None]
@@ -304,11 +184,12 @@ def mix_rows(views: torch.Tensor, plan: EpochPlan, job: Job, mix_type: str) -> t
     return own
 
 
-def replay_batches(plan: EpochPlan, jobs: list[Job], loader: str, source, workers: int, device: torch.device,
-                   mean: Sequence[float], std: Sequence[float], mix_type: str) -> Iterator[tuple[Job, torch.Tensor]]:
-    """(job, augmented normalised mixed rows) for each job, in order."""
+def replay_batches(plan: EpochPlan, jobs: list[Job], source: PilViews | CropViews, workers: int,
+                   device: torch.device, mean: Sequence[float], std: Sequence[float],
+                   mix_type: str) -> Iterator[tuple[Job, torch.Tensor]]:
+    """(job, augmented normalised mixed rows on the device) for each job, in order."""
     specs = [job_spec(plan, job) for job in jobs]
-    for job, views in zip(jobs, iterate_views(loader, source, specs, workers, device)):
+    for job, views in zip(jobs, iterate_views(source, specs, workers, device)):
         yield job, mix_rows(normalize(views, mean, std), plan, job, mix_type)
 
 

@@ -1,35 +1,31 @@
 """Prototype files: the class prototypes of stage 1, read by stage 2.
 
 Two formats carry the same content, prompts in class order and a [classes, ipc, 4, h, w] tensor:
-- `.safetensors` (default): tensor `prototypes` (float32); metadata holds `prompts` (JSON list),
-  `class_names` (JSON list) and the run's settings as strings.
+- `.safetensors` (default): tensors `prototypes` (float32) and `inertia` (float64, per class); metadata holds
+  `prompts` and `class_names` (JSON lists) and the run's settings as strings.
 - `.json` (the original's): a dict prompt -> nested list [ipc][4][h][w], keys in class order.
+
+Both are written class by class (`PrototypeWriter`), so memory does not grow with the set: ImageNet at IPC 200
+is 13 GB of float32. Several processes write their own classes into one temporary file; the final name
+appears only once every class is in. A reader (`PrototypeFile`) of the safetensors format reads one class at a
+time, so each synthesis process reads only its own classes.
 """
 from __future__ import annotations
 
 import json
+import os
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import safe_open
 
-from d4m.runtime import UsageError, atomic_path
+from d4m.runtime import UsageError
 
 FORMATS = ("safetensors", "json")
-
-
-@dataclass
-class Prototypes:
-    prompts: list[str]
-    tensor: torch.Tensor  # [classes, ipc, 4, h, w] float32
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def per_class(self) -> int:
-        return self.tensor.shape[1]
 
 
 def prototype_filename(dataset: str, ipc: int, km_expand: int, fmt: str) -> str:
@@ -47,49 +43,135 @@ def check_json_prompts(prompts: list[str]) -> None:
         )
 
 
-def save_prototypes(path: str | Path, protos: Prototypes, fmt: str) -> None:
-    """Write atomically in `fmt` (safetensors or json)."""
-    tensor = protos.tensor.detach().to(torch.float32).contiguous()
-    with atomic_path(path) as tmp:
-        if fmt == "json":
-            check_json_prompts(protos.prompts)
-            data = {prompt: tensor[c].tolist() for c, prompt in enumerate(protos.prompts)}
-            tmp.write_text(json.dumps(data), encoding="utf-8")
+class PrototypeWriter:
+    """A prototype file written class by class into `tmp` (a safetensors layout whose header is fixed up front),
+    then renamed onto `path`, or converted to the JSON format class by class. `tmp` must be a name of its own:
+    the JSON conversion writes through `.{name}.tmp{pid}`."""
+
+    def __init__(self, path: str | Path, tmp: str | Path, prompts: list[str], class_shape: tuple[int, ...],
+                 metadata: dict[str, str], fmt: str):
+        self.path, self.tmp, self.fmt = Path(path), Path(tmp), fmt
+        self.classes, self.class_shape = len(prompts), tuple(class_shape)
+        self.class_bytes = int(np.prod(class_shape)) * 4
+        inertia_bytes = 8 * self.classes
+        header = {"__metadata__": {**metadata, "prompts": json.dumps(prompts)},
+                  "inertia": {"dtype": "F64", "shape": [self.classes], "data_offsets": [0, inertia_bytes]},
+                  "prototypes": {"dtype": "F32", "shape": [self.classes, *self.class_shape],
+                                 "data_offsets": [inertia_bytes, inertia_bytes + self.classes * self.class_bytes]}}
+        # sorted keys: identical runs give identical files (safetensors' own writer orders them by process)
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        self.header = struct.pack("<Q", len(text) + (-len(text) % 8)) + text + b" " * (-len(text) % 8)
+        self.data_start = len(self.header)
+
+    def create(self) -> None:
+        """Write the header and size the file (done by one process, before any class is written)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.tmp, "wb") as f:
+            f.write(self.header)
+            f.truncate(self.data_start + self.classes * (8 + self.class_bytes))
+
+    def write(self, label: int, prototypes: np.ndarray, inertia: float) -> None:
+        """Put one class's [ipc, 4, h, w] prototypes and its inertia in place."""
+        if prototypes.shape != self.class_shape:
+            raise UsageError(f"class {label}'s prototypes have shape {prototypes.shape}, the file expects "
+                             f"{self.class_shape}; the VAE's latent shape differs from its configuration")
+        with open(self.tmp, "r+b") as f:
+            f.seek(self.data_start + 8 * label)
+            f.write(np.float64(inertia).astype("<f8").tobytes())
+            f.seek(self.data_start + 8 * self.classes + label * self.class_bytes)
+            f.write(np.ascontiguousarray(prototypes, dtype="<f4").tobytes())
+
+    def commit(self) -> None:
+        """Give the finished file its name (in the chosen format); after every class is written."""
+        if self.fmt == "json":
+            self._write_json()
+            self.tmp.unlink()
         else:
-            metadata = {**protos.metadata, "prompts": json.dumps(protos.prompts)}
-            tmp.write_bytes(_safetensors_bytes(tensor, metadata))
+            os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+    def _write_json(self) -> None:
+        source = PrototypeFile(self.tmp)
+        check_json_prompts(source.prompts)
+        part = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        try:
+            with open(part, "w", encoding="utf-8") as f:
+                f.write("{")
+                for c, prompt in enumerate(source.prompts):
+                    f.write((", " if c else "") + json.dumps(prompt) + ": " + json.dumps(source.of_class(c).tolist()))
+                f.write("}")
+            os.replace(part, self.path)
+        finally:
+            part.unlink(missing_ok=True)
 
 
-def _safetensors_bytes(tensor: torch.Tensor, metadata: dict[str, str]) -> bytes:
-    """The safetensors layout written by hand with sorted header keys: safetensors' own writer orders the
-    metadata differently in every process, and identical runs should give identical files."""
-    data = tensor.numpy().astype("<f4").tobytes()
-    header = {"__metadata__": metadata,
-              "prototypes": {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [0, len(data)]}}
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + data
-
-
-def load_prototypes(path: str | Path) -> Prototypes:
-    """Read either format (chosen by the file's extension)."""
+def save_prototypes(path: str | Path, prompts: list[str], tensor: torch.Tensor, fmt: str = "safetensors",
+                    metadata: Optional[dict[str, str]] = None) -> None:
+    """Write a whole [classes, ipc, 4, h, w] tensor from one process (inertia recorded as 0)."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"prototype file {path} does not exist; run gen_prototype.py or fix --prototype_path")
+    writer = PrototypeWriter(path, path.with_name(f".{path.name}.build{os.getpid()}"), prompts, tuple(tensor.shape[1:]),
+                             metadata or {}, fmt)
     try:
-        if path.suffix == ".json":
-            return _load_json(path)
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensor = load_file(str(path))["prototypes"]
-        return Prototypes(json.loads(metadata["prompts"]), tensor, metadata)
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        reason = " ".join(f"{type(err).__name__}: {err}".split())
-        raise UsageError(f"prototype file {path} is not a valid prototype file ({reason}); regenerate it") from err
+        writer.create()
+        for label, prototypes in enumerate(tensor.float().numpy()):
+            writer.write(label, prototypes, 0.0)
+        writer.commit()
+    finally:
+        writer.discard()
 
 
-def _load_json(path: Path) -> Prototypes:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not data:
-        raise ValueError("expected a non-empty dict prompt -> [ipc][4][h][w]")
-    return Prototypes(list(data), torch.tensor(list(data.values()), dtype=torch.float32))
+class PrototypeFile:
+    """A prototype file opened for reading; the safetensors format is read one class at a time."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"prototype file {path} does not exist; run gen_prototype.py or fix --prototype_path")
+        self.path = path
+        self._tensor: Optional[torch.Tensor] = None
+        try:
+            if path.suffix == ".json":
+                self._load_json()
+            else:
+                self._handle = safe_open(str(path), framework="pt")
+                self.metadata = self._handle.metadata() or {}
+                self.prompts = json.loads(self.metadata["prompts"])
+                self.shape = tuple(self._handle.get_slice("prototypes").get_shape())
+        except (OSError, ValueError, KeyError, SafetensorError) as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise UsageError(f"prototype file {path} is not a valid prototype file ({reason}); regenerate it") from err
+        if len(self.shape) != 5 or self.shape[0] != len(self.prompts):
+            raise UsageError(f"prototype file {path} holds a tensor of shape {list(self.shape)} for "
+                             f"{len(self.prompts)} prompts; regenerate it")
+
+    def _load_json(self) -> None:
+        data = json.loads(self.path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not data:
+            raise ValueError("expected a non-empty dict prompt -> [ipc][4][h][w]")
+        self.prompts, self.metadata = list(data), {}
+        self._tensor = torch.tensor(list(data.values()), dtype=torch.float32)
+        self.shape = tuple(self._tensor.shape)
+
+    @property
+    def per_class(self) -> int:
+        return self.shape[1]
+
+    def of_class(self, label: int) -> torch.Tensor:
+        """[ipc, 4, h, w] float32 prototypes of one class."""
+        if self._tensor is not None:
+            return self._tensor[label]
+        return self._handle.get_slice("prototypes")[label:label + 1][0]
+
+    def all(self) -> torch.Tensor:
+        """[classes, ipc, 4, h, w]: every class at once (for small sets)."""
+        if self._tensor is not None:
+            return self._tensor
+        return self._handle.get_tensor("prototypes")
+
+    def inertia(self) -> Optional[torch.Tensor]:
+        """Per-class k-means inertia, where the file records it (the JSON format does not)."""
+        if self._tensor is not None or "inertia" not in self._handle.keys():
+            return None
+        return self._handle.get_tensor("inertia")

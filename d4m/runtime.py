@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import sys
@@ -57,16 +58,17 @@ def seeded_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Ge
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group when launched by torchrun; returns (rank, world_size)."""
+def init_distributed(device: torch.device, timeout_minutes: float) -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun (NCCL for CUDA devices, else gloo); returns
+    (rank, world_size). A process that waits longer than `timeout_minutes` for the others aborts the run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -75,15 +77,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """The device a process should use: the requested one, else its CUDA device under torchrun, else CPU."""
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {requested} asked for, but no CUDA device is available; use --device cpu")
-        if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def first_error(error: str, world: int) -> str:
+    """Every process learns the first non-empty error of any process (a collective under torchrun)."""
+    if world == 1:
+        return error
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), "")
+
+
+def from_rank0(value, world: int):
+    """Rank 0's `value`, on every process (a collective under torchrun)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
+from d4m.device import add_device_args, announce, compile_unavailable, memory_format, pick_device
 from d4m.diffusion import batch_invariant, load_pipeline
 from d4m.kmeans import METHODS, class_centres
-from d4m.prototypes import FORMATS, Prototypes, check_json_prompts, prototype_filename, save_prototypes
-from d4m.runtime import UsageError, cli, init_distributed, pick_device, seeded_generator
+from d4m.prototypes import FORMATS, PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
+from d4m.runtime import UsageError, barrier, cli, first_error, from_rank0, init_distributed, seeded_generator
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
 
@@ -38,9 +39,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
     parser.add_argument("--size", type=int, default=512, help="images are resized to size x size before encoding")
-    parser.add_argument("--device", type=str, default=None, help="cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="seeds the class shuffles and the posterior samples")
     parser.add_argument("--prototype_format", type=str, default="safetensors", choices=FORMATS)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the VAE encoder (batches are then padded to --batch_size)")
+    add_device_args(parser)
     args = parser.parse_args(argv)
     for name in ("batch_size", "ipc", "km_expand", "size"):
         if getattr(args, name) < 1:
@@ -51,16 +54,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class ResizedImages(Dataset):
-    """Items {image [3,size,size] in [0,1], index, error}; an unreadable file gives its error, not an exception,
+    """Items {image uint8 [3,size,size], index, error}: resized by workers, sent to the device as bytes (a
+    quarter of float32's) and scaled to [0,1] there. An unreadable file gives its error, not an exception,
     because exceptions raised in DataLoader workers reach the main process wrapped in a multi-line report."""
 
     def __init__(self, base: Dataset, size: int):
         self.base = base
         self.size = size
-        self.transform = transforms.Compose([
-            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR),
-            transforms.ToTensor(),
-        ])
+        self.resize = transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR)
 
     def __len__(self) -> int:
         return len(self.base)
@@ -68,9 +69,10 @@ class ResizedImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         try:
             image, _ = self.base[index]
-            return {"image": self.transform(image), "index": index, "error": ""}
+            pixels = torch.from_numpy(np.array(self.resize(image), dtype=np.uint8)).permute(2, 0, 1)
+            return {"image": pixels, "index": index, "error": ""}
         except UsageError as err:
-            return {"image": torch.zeros(3, self.size, self.size), "index": index, "error": str(err)}
+            return {"image": torch.zeros(3, self.size, self.size, dtype=torch.uint8), "index": index, "error": str(err)}
 
 
 def class_indices(targets: list[int], num_classes: int) -> list[list[int]]:
@@ -95,13 +97,10 @@ def class_batches(members: list[list[int]], classes: list[int], seed: int, batch
     return batches
 
 
-Clustered = dict[int, tuple[np.ndarray, float]]  # class -> (prototypes [ipc, 4, h, w], inertia)
-
-
-def encoded_classes(pipe: StableDiffusionGenLatentsPipeline, loader: DataLoader, labels: dict[int, int],
-                    seed: int, bar: tqdm) -> Iterator[tuple[int, torch.Tensor]]:
-    """(class, all its latents [n, 4, h, w] in encoding order), each as soon as the class's last batch is encoded
-    (the loader's batches come class after class)."""
+def encoded_classes(encode, loader: DataLoader, labels: dict[int, int], seed: int, device: torch.device,
+                    bar: tqdm) -> Iterator[tuple[int, torch.Tensor]]:
+    """(class, all its latents [n, 4, h, w] on the CPU in encoding order), each as soon as the class's last batch
+    is encoded (the loader's batches come class after class); the device is waited for once per class."""
     pending: list[torch.Tensor] = []
     current = -1
     for batch in loader:
@@ -111,56 +110,60 @@ def encoded_classes(pipe: StableDiffusionGenLatentsPipeline, loader: DataLoader,
         indices = batch["index"].tolist()
         label = labels[indices[0]]
         if pending and label != current:
-            yield current, torch.cat(pending)
+            yield current, torch.cat(pending).float().cpu()
             pending = []
         current = label
-        generators = [seeded_generator(seed, label, i) for i in indices]
-        pending.append(pipe(batch["image"], generator=generators).latents.float().cpu())
+        pixels = batch["image"].to(device, non_blocking=True).float().div_(255)
+        pending.append(encode(pixels, [seeded_generator(seed, label, i) for i in indices]))
         bar.update()
     if pending:
-        yield current, torch.cat(pending)
+        yield current, torch.cat(pending).float().cpu()
 
 
-def encode_and_cluster(
-    args: argparse.Namespace, data: Dataset, members: list[list[int]], classes: list[int], rank: int
-) -> Clustered:
-    """Prototypes and inertia of each class in `classes`: the VAE alone encodes batches of one class (loaded by
-    workers, through pinned memory on CUDA), and a class is clustered once all its latents are in."""
-    device = pick_device(args.device)
-    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
+def latent_encoder(pipe: StableDiffusionGenLatentsPipeline, batch_size: int, compiled: bool):
+    """pixels [n,3,S,S] in [0,1] + one generator per image -> latents; with a compiled encoder every call is
+    padded to `batch_size` images (one compiled shape), the padding's latents dropped."""
+
+    def encode(pixels: torch.Tensor, generators: list) -> torch.Tensor:
+        n = len(pixels)
+        if compiled and n < batch_size:
+            pixels = torch.cat([pixels, pixels.new_zeros(batch_size - n, *pixels.shape[1:])])
+            generators = generators + [seeded_generator(0, n + i) for i in range(batch_size - n)]
+        return pipe(pixels.contiguous(memory_format=memory_format(pixels.device)), generator=generators).latents[:n]
+
+    return encode
+
+
+def latent_shape(pipe: StableDiffusionGenLatentsPipeline, size: int) -> tuple[int, int, int]:
+    """The VAE's latent of a size x size image: channels and the side after its downsampling blocks."""
+    config = pipe.vae.config
+    side = size // 2 ** (len(config.block_out_channels) - 1)
+    return config.latent_channels, side, side
+
+
+def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], classes: list[int],
+                       device: torch.device, rank: int, writer: PrototypeWriter, compiled: bool) -> None:
+    """Encode the images of `classes` (batches of one class, loaded by workers through pinned memory on CUDA),
+    cluster each class once all its latents are in, and write its prototypes to the file."""
     batches = class_batches(members, classes, args.seed, args.batch_size)
     loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     labels = {index: label for label in classes for index in members[label]}
-    done: Clustered = {}
+    encode = latent_encoder(pipe, args.batch_size, compiled)
     # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
     bar = tqdm(total=len(batches), desc="encoding", disable=rank != 0, leave=False)
     with batch_invariant(pipe, device), bar:
-        for label, latents in encoded_classes(pipe, loader, labels, args.seed, bar):
+        for label, latents in encoded_classes(encode, loader, labels, args.seed, device, bar):
             centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand, args.seed,
                                            label, device)
-            done[label] = centres.reshape(args.ipc, *latents.shape[1:]), score
-    return done
-
-
-def gather(local: dict, error: str, world: int) -> tuple[dict, str]:
-    """Merge every rank's prototypes on rank 0; every rank learns the first error of any rank."""
-    if world == 1:
-        return local, error
-    errors: list[str] = [""] * world
-    dist.all_gather_object(errors, error)
-    error = next((e for e in errors if e), "")
-    if error:
-        return {}, error
-    parts = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)
-    return ({k: v for part in parts for k, v in part.items()} if parts else {}), ""
+            writer.write(label, centres.reshape(args.ipc, *latents.shape[1:]), float(f"{score:.8g}"))
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rank, world = init_distributed()
+    device = pick_device(args.device)
+    rank, world = init_distributed(device, args.dist_timeout)
     data = train_dataset(args.dataset, args.data_dir)
     num_classes = class_count(args.dataset, data)
     class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
@@ -172,25 +175,37 @@ def main(argv: list[str] | None = None) -> None:
     if small:
         name, count = class_names[small[0]], len(members[small[0]])
         raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
-    name = prototype_filename(args.dataset, args.ipc, args.km_expand, args.prototype_format)
-    out = Path(args.save_prototype_path) / name
-
-    local, error = {}, ""
+    out = Path(args.save_prototype_path) / prototype_filename(args.dataset, args.ipc, args.km_expand,
+                                                              args.prototype_format)
+    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
+    pipe.vae.to(memory_format=memory_format(device))
+    compiled = args.compile and not compile_unavailable(device)
+    if compiled:
+        pipe.vae.encoder.compile()
+    announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
+             f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
+    metadata = dict(dataset=args.dataset, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
+                    seed=str(args.seed), class_names=json.dumps(class_names), kmeans=args.kmeans)
+    tmp = from_rank0(out.with_name(f".{out.name}.build{os.getpid()}"), world)
+    writer = PrototypeWriter(out, tmp, prompts, (args.ipc, *latent_shape(pipe, args.size)), metadata,
+                             args.prototype_format)
+    if rank == 0:
+        writer.create()
+    barrier()
+    error = ""
     try:
-        local = encode_and_cluster(args, data, members, list(range(rank, num_classes, world)), rank)
+        encode_and_cluster(args, pipe, data, members, list(range(rank, num_classes, world)), device, rank, writer,
+                           compiled)
     except UsageError as err:
         error = str(err)
-    merged, error = gather(local, error, world)
+    error = first_error(error, world)
     if error:
+        if rank == 0:
+            writer.discard()
         raise UsageError(error)
     if rank == 0:
-        tensor = torch.from_numpy(np.stack([merged[c][0] for c in range(num_classes)]))
-        inertias = [float(f"{merged[c][1]:.8g}") for c in range(num_classes)]  # 8 digits: the same in every run
-        mean = float(f"{np.mean(inertias):.8g}")
-        metadata = dict(dataset=args.dataset, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
-                        seed=str(args.seed), class_names=json.dumps(class_names), kmeans=args.kmeans,
-                        inertia=json.dumps(inertias), mean_inertia=str(mean))
-        save_prototypes(out, Prototypes(prompts, tensor, metadata), args.prototype_format)
+        mean = float(f"{float(PrototypeFile(tmp).inertia().mean()):.8g}")
+        writer.commit()
         print(f"wrote {num_classes} x {args.ipc} prototypes to {out}")
         print(f"k-means {args.kmeans}: mean per-class inertia {mean:.6g}")
 

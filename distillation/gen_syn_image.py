@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -10,9 +11,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts
-from d4m.diffusion import DTYPES, EmbeddingCache, batch_invariant, compile_unet, load_pipeline
-from d4m.prototypes import Prototypes, load_prototypes
-from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed, pick_device, seeded_generator
+from d4m.device import add_device_args, announce, memory_format, pick_device
+from d4m.diffusion import DTYPES, EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
+from d4m.prototypes import PrototypeFile
+from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed, seeded_generator
 from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
 
 
@@ -34,12 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=224, help="saved images are image_size x image_size")
     parser.add_argument("--negative_prompt", type=str, default="cartoon, anime, painting")
     parser.add_argument("--safety_checker", action="store_true", help="load and apply the checkpoint's safety checker")
-    parser.add_argument("--device", type=str, default=None, help="cuda when present, else cpu")
     parser.add_argument("--dtype", type=str, default="auto", choices=("auto", *DTYPES),
                         help="weights and activations; auto: float16 on CUDA, float32 elsewhere")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (faster after a warm-up; images then differ from uncompiled "
                              "ones in the last bits)")
+    add_device_args(parser)
     args = parser.parse_args(argv)
     if not 0 < args.strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def label_prompts(args: argparse.Namespace, protos: Prototypes) -> list[str]:
+def label_prompts(args: argparse.Namespace, protos: PrototypeFile) -> list[str]:
     """The label file's prompts (given, else shipped for the dataset), which the prototype file must match."""
     path = args.label_file_path or default_prompt_file(args.dataset)
     if path is None:
@@ -84,48 +86,84 @@ def image_path(root: Path, label: int, index: int, num_classes: int, ipc: int) -
 Job = tuple[int, int, Path]  # (class, image index, output file)
 
 
-def synthesize(args: argparse.Namespace, protos: Prototypes, prompts: list[str], jobs: list[Job], rank: int) -> None:
-    device = pick_device(args.device)
-    pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
-                         safety_checker=args.safety_checker, dtype=args.dtype)
-    if args.compile:
-        reason = compile_unet(pipe, device)
-        if reason and rank == 0:
-            print(f"--compile skipped: {reason}; the UNet runs uncompiled", file=sys.stderr)
+class ClassPrototypes:
+    """Prototype j // repeats of class c, reading one class at a time from the file (jobs come in class order)."""
+
+    def __init__(self, protos: PrototypeFile, repeats: int):
+        self.protos, self.repeats, self.label, self.tensor = protos, repeats, -1, None
+
+    def __call__(self, label: int, index: int) -> torch.Tensor:
+        if label != self.label:
+            self.label, self.tensor = label, self.protos.of_class(label)
+        return self.tensor[index // self.repeats]
+
+
+def save_image(image: Image.Image, path: Path, size: int) -> None:
+    with atomic_path(path) as tmp:
+        image.resize((size, size), Image.BILINEAR).save(tmp, format="PNG")
+
+
+def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: list[str], jobs: list[Job],
+               device: torch.device, rank: int) -> None:
+    """Make the images of `jobs`, --batch_size per pipeline call; PNGs are encoded and written by threads while
+    the device makes the next batch."""
     embeds = EmbeddingCache(pipe, args.negative_prompt, args.guidance_scale > 1)
-    repeats = args.ipc // protos.per_class
+    prototype = ClassPrototypes(protos, args.ipc // protos.per_class)
     bar = tqdm(total=len(jobs), desc="synthesis", unit="img", disable=rank != 0, leave=False)
-    with batch_invariant(pipe, device), bar:
+    with batch_invariant(pipe, device), bar, ThreadPoolExecutor(max_workers=2) as writers:
+        pending = []
         for start in range(0, len(jobs), args.batch_size):
             batch = jobs[start : start + args.batch_size]
-            latents = torch.stack([protos.tensor[c, j // repeats] for c, j, _ in batch])
+            latents = torch.stack([prototype(c, j) for c, j, _ in batch])
             positive, negative = embeds.batch([prompts[c] for c, _, _ in batch])
             images = pipe(
                 latents=latents, prompt_embeds=positive, negative_prompt_embeds=negative, strength=args.strength,
                 guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
                 generator=[seeded_generator(args.seed, c, j) for c, j, _ in batch],
             ).images
-            for image, (_, _, path) in zip(images, batch):
-                with atomic_path(path) as tmp:
-                    image.resize((args.image_size, args.image_size), Image.BILINEAR).save(tmp, format="PNG")
+            done = [f for f in pending if f.done()]
+            for future in done:
+                future.result()  # a failed write stops the run here
+            pending = [f for f in pending if f not in done] + [writers.submit(save_image, image, path, args.image_size) for image, (_, _, path) in zip(images, batch)]
             bar.update(len(batch))
+        for future in pending:
+            future.result()
+
+
+def my_share(todo: list[Job], rank: int, world: int) -> list[Job]:
+    """A contiguous, equal share of the images still to make: a resumed run keeps every process busy."""
+    per, extra = divmod(len(todo), world)
+    start = rank * per + min(rank, extra)
+    return todo[start : start + per + (rank < extra)]
 
 
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rank, world = init_distributed()
-    protos = load_prototypes(args.prototype_path)
+    device = pick_device(args.device)
+    rank, world = init_distributed(device, args.dist_timeout)
+    protos = PrototypeFile(args.prototype_path)
     prompts = label_prompts(args, protos)
     if args.ipc % protos.per_class:
         raise UsageError(f"--ipc {args.ipc} is not a multiple of the {protos.per_class} prototypes per class in "
                          f"{args.prototype_path}; use a multiple of {protos.per_class}")
     root = output_dir(args, protos.per_class)
-    jobs = [(c, j, image_path(root, c, j, len(prompts), args.ipc))
-            for c in range(rank, len(prompts), world) for j in range(args.ipc)]
-    todo = [job for job in jobs if not job[2].exists()]  # written atomically, so an existing file is complete
+    jobs = [(c, j, image_path(root, c, j, len(prompts), args.ipc)) for c in range(len(prompts)) for j in range(args.ipc)]
+    remaining = [job for job in jobs if not job[2].exists()]  # written atomically, so an existing file is complete
+    dtype = str(pipeline_dtype(device, args.dtype)).removeprefix("torch.")
+    announce("synthesis", device, dtype, world, rank, f"batch {args.batch_size}" + (", compile" if args.compile else ""),
+             f"{len(remaining)} of {len(jobs)} images to make")
+    todo = my_share(remaining, rank, world)
     if todo:
-        synthesize(args, protos, prompts, todo, rank)
+        pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
+                             safety_checker=args.safety_checker, dtype=args.dtype)
+        pipe.unet.to(memory_format=memory_format(device))
+        pipe.vae.to(memory_format=memory_format(device))
+        if args.compile:
+            reason = compile_unet(pipe, device)
+            if reason and rank == 0:
+                print(f"--compile skipped: {reason}; the UNet runs uncompiled", file=sys.stderr)
+        synthesize(args, pipe, protos, prompts, todo, device, rank)
     barrier()
     if rank == 0:
         print(f"{len(prompts)} classes x {args.ipc} images in {root}")

@@ -33,7 +33,8 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
-from d4m.runtime import UsageError, atomic_path, cli, pick_device
+from d4m.device import announce, pick_device
+from d4m.runtime import UsageError, atomic_path, cli
 from d4m.tiny_sd import SD15_SCHEDULER, build_tiny_sd
 
 # D4M's default negative prompt; trained as an unconditional prompt too, so that it means "no class".
@@ -236,6 +237,7 @@ def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_cl
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
+    announce("tiny LDM training", device, "float32", 1)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     images, labels, prompts = load_images(args)

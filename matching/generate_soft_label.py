@@ -14,10 +14,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from d4m import fkd
+from d4m import fkd, views
 from d4m.data import ImageFolderDataset
+from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
+                        pick_device, precision_name, set_deterministic)
 from d4m.models import load_pretrained, load_teacher_file
-from d4m.runtime import UsageError, barrier, cli, init_distributed, pick_device
+from d4m.runtime import UsageError, barrier, cli, init_distributed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,8 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="torch seed (the store depends on --fkd-seed only)")
     p.add_argument("--soft-label-topk", type=int, default=None, help="store only the K largest logits per view")
-    p.add_argument("--loader", default="tensor", choices=list(fkd.LOADERS))
-    p.add_argument("--device", default=None)
+    p.add_argument("--loader", default="tensor", choices=list(views.LOADERS),
+                   help="tensor: decode once into host memory, crop and resize on the device; pil: the original's "
+                        "per-image PIL path")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="the teacher's autocast on CUDA; auto: fp16 with --use-fp16 (as the original), else bf16. "
+                        "The CPU always runs float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    add_device_args(p)
     args = p.parse_args(argv)
     args.mix_type = args.mix_type or "None"
     check_args(args)
@@ -59,7 +67,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--soft-label-topk must be at least 1")
 
 
-def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.device) -> tuple[nn.Module, dict]:
+def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.device,
+                 amp: torch.dtype | None) -> tuple[nn.Module, dict]:
     if args.teacher_path:
         teacher, record = load_teacher_file(args.teacher_path)
         record["source"] = str(args.teacher_path)
@@ -69,9 +78,9 @@ def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.devi
     if record["num_classes"] < data_classes:
         raise UsageError(f"the teacher has {record['num_classes']} classes but {args.data} has {data_classes} class "
                          "folders; use a teacher trained on this dataset")
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    teacher = teacher.to(device, memory_format=memory_format(device)).eval().requires_grad_(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             teacher(torch.zeros(1, 3, args.input_size, args.input_size, device=device))
     except RuntimeError as err:
         raise UsageError(f"the teacher ({record['arch']}) cannot take {args.input_size} px inputs; "
@@ -79,7 +88,8 @@ def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.devi
     return teacher, record
 
 
-def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict, topk: int | None) -> dict:
+def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict, topk: int | None,
+               precision: str) -> dict:
     return {
         "batch_size": args.batch_size, "epochs": args.epochs, "num_images": len(data.samples),
         "data_classes": len(data.classes), "images": fkd.image_fingerprint(args.data, data.samples),
@@ -88,20 +98,23 @@ def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict,
         "teacher": {"arch": record["arch"], "source": record["source"]},
         "mean": list(record["mean"]), "std": list(record["std"]),
         "min_scale": args.min_scale_crops, "max_scale": args.max_scale_crops,
-        "dtype": "float16" if args.use_fp16 else "float32", "topk": topk,
+        "dtype": "float16" if args.use_fp16 else "float32", "topk": topk, "teacher_precision": precision,
     }
 
 
 def label_epoch(args, teacher, source, plan: fkd.EpochPlan, record: dict, rank: int, world: int,
-                device: torch.device) -> dict[int, torch.Tensor]:
-    """Teacher logits of this process's batches of the epoch (batch b on rank b % world)."""
+                device: torch.device, amp: torch.dtype | None, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """Teacher logits (in the store's `dtype`, on the CPU) of this process's batches of the epoch (batch b on rank
+    b % world). The copies to the host are asynchronous: the device is waited for once, at the end."""
     jobs = [fkd.make_job(plan, b) for b in range(rank, plan.num_batches, world)]
     out = {}
-    autocast = torch.autocast("cuda", torch.float16, enabled=args.use_fp16 and device.type == "cuda")
-    with torch.no_grad(), autocast:
-        for job, x in fkd.replay_batches(plan, jobs, args.loader, source, args.workers, device,
+    with torch.no_grad(), autocast(device, amp):
+        for job, x in fkd.replay_batches(plan, jobs, source, args.workers, device,
                                          record["mean"], record["std"], args.mix_type):
-            out[job.batch] = teacher(x).float().cpu()
+            logits = teacher(x.contiguous(memory_format=memory_format(device)))
+            out[job.batch] = logits.to(dtype).to("cpu", non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return out
 
 
@@ -119,31 +132,36 @@ def gather_logits(parts: dict[int, torch.Tensor], rank: int, world: int) -> torc
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rank, world = init_distributed()
     device = pick_device(args.device)
+    set_deterministic(args.deterministic)
+    rank, world = init_distributed(device, args.dist_timeout)
+    amp = amp_dtype(args.amp, device, prefer_fp16=args.use_fp16)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     data = ImageFolderDataset(args.data)
-    teacher, record = load_teacher(args, len(data.classes), device)
+    teacher, record = load_teacher(args, len(data.classes), device, amp)
     topk = args.soft_label_topk if args.soft_label_topk and args.soft_label_topk < record["num_classes"] else None
-    meta = store_meta(args, data, record, topk)
+    meta = store_meta(args, data, record, topk, precision_name(amp))
     paths = [path for path, _ in data.samples]
-    hw = fkd.image_sizes(paths)
-    if args.loader == "tensor":
-        fkd.check_one_size(hw)
+    hw = views.image_sizes(paths)
     start = fkd.open_store(args.fkd_path, meta, create=False)
     barrier()
     if rank == 0:
         fkd.open_store(args.fkd_path, meta, create=True)
-    source = fkd.build_source(args.loader, paths, hw, args.input_size, args.workers, device)
+    shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
+    loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
+    announce("matching", device, precision_name(amp), world, rank, f"teacher {record['arch']}", loader)
+    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+    teacher = maybe_compile(teacher, device, args.compile, rank)
     dtype = torch.float16 if args.use_fp16 else torch.float32
     scale = (args.min_scale_crops, args.max_scale_crops)
     for epoch in tqdm(range(start, args.epochs), disable=rank != 0, desc="matching", initial=start, total=args.epochs):
         plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
                               args.mixup, args.cutmix, scale)
-        logits = gather_logits(label_epoch(args, teacher, source, plan, record, rank, world, device), rank, world)
+        parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
+        logits = gather_logits(parts, rank, world)
         if rank == 0:
-            fkd.write_epoch(args.fkd_path, epoch, plan, logits.to(dtype), topk)
+            fkd.write_epoch(args.fkd_path, epoch, plan, logits, topk)
         barrier()
     if rank == 0:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, class_count, train_dataset, val_dataset
 from d4m.models import architectures, build_model, save_teacher
-from d4m.runtime import UsageError, cli, pick_device
+from d4m.device import announce, pick_device
+from d4m.runtime import UsageError, cli
 
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
 # Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.
@@ -121,6 +122,7 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, steps: int):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
+    announce("teacher training", device, "float32", 1, 0, f"{args.arch} at {args.input_size} px")
     torch.manual_seed(args.seed)
     train_loader, val_loader, num_classes = loaders(args)
     model = build_model(args.arch, num_classes, args.input_size).to(device)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,12 +79,31 @@ def image_folder(tmp_path) -> Path:
     return make_image_folder(tmp_path / "data")
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+DEVICES = ["cpu", CUDA]  # parametrize a test over both; the CUDA case is skipped without a GPU
+
+
+def device_flags(device: str) -> list[str]:
+    """A script's flags for `device`; on CUDA with --deterministic, since exact repeats are what tests check."""
+    return ["--device", device] + (["--deterministic"] if device == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_flags():
+    """Scripts run in-process set torch's global kernel flags (--deterministic, cuDNN benchmark): undo them."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = saved[2:]
+
+
 @pytest.fixture
 def one_thread():
     """Run the test's in-process torch work on one thread: on a shared 2-core machine, two OpenMP threads
     that wait on each other are many times slower than one."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -10,8 +10,8 @@ from torchvision.transforms.functional import to_tensor
 
 from conftest import run_script, run_torchrun
 from d4m.diffusion import load_pipeline
-from d4m.prototypes import load_prototypes
-from d4m.runtime import seeded_generator
+from d4m.prototypes import PrototypeFile
+from d4m.runtime import UsageError, seeded_generator
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,17 +46,18 @@ def reference_centres(data, sd, label, seed=3, ipc=2, km_expand=2, batch_size=4)
 def test_centres_match_sklearn_and_json_matches_binary(image_folder, tiny_sd, tmp_path):
     out = tmp_path / "protos"
     assert run_script(SCRIPT, args(image_folder, tiny_sd, out)) == 0
-    protos = load_prototypes(out / "imagefolder-ipc2-kmexpand2.safetensors")
-    assert protos.tensor.shape == (3, 2, 4, 16, 16)
+    protos = PrototypeFile(out / "imagefolder-ipc2-kmexpand2.safetensors")
+    assert protos.shape == (3, 2, 4, 16, 16) and protos.all().shape == protos.shape
     assert protos.prompts == ["class0", "class1", "class2"]
     assert json.loads(protos.metadata["class_names"]) == ["class0", "class1", "class2"]
     for label in range(3):
-        np.testing.assert_allclose(protos.tensor[label].numpy(), reference_centres(image_folder, tiny_sd, label),
+        assert torch.equal(protos.of_class(label), protos.all()[label])
+        np.testing.assert_allclose(protos.of_class(label).numpy(), reference_centres(image_folder, tiny_sd, label),
                                    atol=1e-6, rtol=0)
     assert run_script(SCRIPT, args(image_folder, tiny_sd, out, "--prototype_format", "json")) == 0
-    as_json = load_prototypes(out / "imagefolder-ipc2-kmexpand2.json")
+    as_json = PrototypeFile(out / "imagefolder-ipc2-kmexpand2.json")
     assert as_json.prompts == protos.prompts
-    assert torch.equal(as_json.tensor, protos.tensor)
+    assert torch.equal(as_json.all(), protos.all())
     data = json.loads((out / "imagefolder-ipc2-kmexpand2.json").read_text())
     assert list(data) == protos.prompts and np.array(data["class0"]).shape == (2, 4, 16, 16)
 
@@ -144,10 +145,34 @@ def test_inertia_is_the_sum_of_squared_distances_to_the_nearest_centre():
 def test_kmeans_method_and_inertia_are_reported_and_stored(method, image_folder, tiny_sd, tmp_path, capsys):
     out = tmp_path / "protos"
     assert run_script(SCRIPT, args(image_folder, tiny_sd, out, "--kmeans", method)) == 0
-    protos = load_prototypes(out / "imagefolder-ipc2-kmexpand2.safetensors")
-    assert protos.tensor.shape == (3, 2, 4, 16, 16)
-    inertias = json.loads(protos.metadata["inertia"])
-    assert protos.metadata["kmeans"] == method and len(inertias) == 3 and all(v > 0 for v in inertias)
-    mean = float(protos.metadata["mean_inertia"])
-    assert mean == pytest.approx(np.mean(inertias), rel=1e-6)
-    assert f"k-means {method}: mean per-class inertia {mean:.6g}" in capsys.readouterr().out
+    protos = PrototypeFile(out / "imagefolder-ipc2-kmexpand2.safetensors")
+    assert protos.shape == (3, 2, 4, 16, 16)
+    inertias = protos.inertia()
+    assert protos.metadata["kmeans"] == method and inertias.dtype == torch.float64
+    assert inertias.shape == (3,) and bool((inertias > 0).all())
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "prototypes: cpu (1 threads), float32, 1 process, VAE batch 4"
+    assert f"k-means {method}: mean per-class inertia {float(inertias.mean()):.6g}" in out
+
+
+def test_writer_fills_classes_in_any_order_and_reads_back_one_class(tmp_path):
+    from d4m.prototypes import PrototypeWriter, save_prototypes
+
+    tensor = torch.randn(4, 2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    prompts = ["a", "b", "c", "d"]
+    path = tmp_path / "p.safetensors"
+    writer = PrototypeWriter(path, tmp_path / ".p.build", prompts, (2, 4, 3, 3), {"seed": "0"}, "safetensors")
+    writer.create()
+    for label in (2, 0, 3, 1):
+        writer.write(label, tensor[label].numpy(), float(label) + 0.5)
+    assert not path.exists()
+    writer.commit()
+    protos = PrototypeFile(path)
+    assert protos.prompts == prompts and protos.metadata["seed"] == "0" and protos.per_class == 2
+    assert torch.equal(protos.of_class(3), tensor[3]) and torch.equal(protos.all(), tensor)
+    assert protos.inertia().tolist() == [0.5, 1.5, 2.5, 3.5]
+    save_prototypes(tmp_path / "p.json", prompts, tensor, "json")
+    assert torch.equal(PrototypeFile(tmp_path / "p.json").all(), tensor)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.safetensors"]
+    with pytest.raises(UsageError, match="shape"):
+        writer.write(0, tensor[0, :1].numpy(), 0.0)

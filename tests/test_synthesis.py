@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import run_script, run_torchrun
-from d4m.prototypes import Prototypes, save_prototypes
+from d4m.prototypes import save_prototypes
 from test_prototypes import shown
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +18,7 @@ FOLDER = "imagefolder_ipc2_4_s0.7_g8.0_kmexpand1"
 def prototypes(tmp_path_factory):
     path = tmp_path_factory.mktemp("protos") / "imagefolder-ipc2-kmexpand1.safetensors"
     tensor = torch.randn(3, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    save_prototypes(path, Prototypes(PROMPTS, tensor), "safetensors")
+    save_prototypes(path, PROMPTS, tensor)
     return path
 
 
@@ -72,6 +72,22 @@ def test_torchrun_two_processes_make_the_same_images(prototypes, tiny_sd, tmp_pa
     done = run_torchrun(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 3))
     assert done.returncode == 0, done.stderr[-2000:]
     assert images(tmp_path / FOLDER) == reference
+
+
+def test_a_resumed_run_shares_what_is_left_equally():
+    from conftest import load_script
+
+    my_share = load_script(SCRIPT).my_share
+    todo = list(range(7))
+    shares = [my_share(todo, rank, 3) for rank in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [my_share([9], rank, 2) for rank in range(2)] == [[9], []]
+
+
+def test_prints_its_device_line(prototypes, tiny_sd, tmp_path, capsys, reference):
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 6)) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("synthesis: cpu (1 threads), float32, 1 process, batch 6, "
+                                                       "12 of 12 images to make")
 
 
 def _labels(tmp_path, lines):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import load_script, run_script, run_torchrun
+from conftest import DEVICES, device_flags, load_script, run_script, run_torchrun
 from d4m import fkd
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
@@ -22,7 +22,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data, teacher = tiny_setup(root)
     store = root / "store"
-    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 4, "--mix-type", "cutmix", "--use-fp16")) == 0
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 4, "--mix-type", "cutmix", "--use-fp16",
+                                        "--device", "cpu")) == 0
     return data, store
 
 
@@ -30,9 +31,13 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def test_resume_ends_with_the_same_weights(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_ends_with_the_same_weights(tiny, tmp_path, capsys, device):
+    """On the CPU, and on a GPU with --deterministic, an interrupted and resumed run ends bit for bit where an
+    uninterrupted one does."""
     data, store = tiny
-    common = ["--epochs", 4, "--cos", "-T", 20, "--gradient-accumulation-steps", 2, "--eval-interval", 2]
+    common = ["--epochs", 4, "--cos", "-T", 20, "--gradient-accumulation-steps", 2, "--eval-interval", 2,
+              *device_flags(device)]
     assert run_script(TRAIN, train_args(data, store, tmp_path / "straight", *common)) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("final: top-1 ")
 
@@ -107,7 +112,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
     ]
     for args in cases:
         capsys.readouterr()
-        assert run_script(TRAIN, args) == 2, args
+        assert run_script(TRAIN, args + ["--device", "cpu"]) == 2, args
         err = [line for line in capsys.readouterr().err.splitlines() 
                if "%|" not in line and line.replace("\x1b[A", "").strip()]  # tqdm bars are not messages
         assert len(err) == 1 and err[0].startswith("error: "), err

@@ -25,7 +25,7 @@ def test_trains_and_writes_teacher_file(tmp_path):
 def test_bad_input_exits_2(tmp_path, capsys):
     data = make_image_folder(tmp_path / "data")
     out = tmp_path / "teacher.pt"
-    common = ["--dataset", "imagefolder", "--epochs", "1", "--workers", "0", "--output", out]
+    common = ["--dataset", "imagefolder", "--epochs", "1", "--workers", "0", "--output", out, "--device", "cpu"]
     assert run_script(SCRIPT, [*common, "--data-dir", data, "-a", "no_such_net"]) == 2
     assert run_script(SCRIPT, [*common, "--data-dir", tmp_path / "missing", "-a", "convnet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -37,7 +37,7 @@ def test_bad_input_exits_2(tmp_path, capsys):
     labels = tmp_path / "labels.txt"
     labels.write_text("only one\n")
     out = tmp_path / "model"
-    common = ["--dataset", "imagefolder", "--output", out, *TINY]
+    common = ["--dataset", "imagefolder", "--output", out, "--device", "cpu", *TINY]
     assert run_script(SCRIPT, [*common, "--data_dir", tmp_path / "missing"]) == 2
     assert run_script(SCRIPT, [*common, "--data_dir", data, "--label_file_path", labels]) == 2
     assert run_script(SCRIPT, [*common, "--data_dir", data, "--image_size", "33"]) == 2

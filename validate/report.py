@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from d4m.data import DATASETS, ImageFolderDataset, load_rgb, val_dataset
 from d4m.models import load_teacher_file
-from d4m.prototypes import load_prototypes
+from d4m.prototypes import PrototypeFile
 from d4m.runtime import UsageError, atomic_path, cli
 
 CELL = 64  # pixels per image in the picture
@@ -68,10 +68,10 @@ def decoded_prototypes(args: argparse.Namespace) -> tuple[list[str], torch.Tenso
     """Prompts and prototypes decoded by the model's VAE: [classes, per_class, 3, H, W] in [0, 1]."""
     from diffusers import AutoencoderKL
 
-    protos = load_prototypes(args.prototypes)
+    protos = PrototypeFile(args.prototypes)
     vae = AutoencoderKL.from_pretrained(args.diffusion_checkpoints_path, subfolder="vae").eval()
-    classes, per_class = protos.tensor.shape[:2]
-    latents = protos.tensor.flatten(0, 1) / vae.config.scaling_factor
+    classes, per_class = protos.shape[:2]
+    latents = protos.all().flatten(0, 1) / vae.config.scaling_factor
     images = (vae.decode(latents).sample.clamp(-1, 1) + 1) / 2
     return protos.prompts, images.view(classes, per_class, *images.shape[1:])
 

@@ -1,16 +1,18 @@
 """Train a student from scratch on the synthetic set, replaying the stored FKD augmentations and soft labels.
 
-Data parallel under torchrun: the global batch is --batch-size; the batch is cut into max(A, world)
-contiguous pieces (A = --gradient-accumulation-steps), each process forwards its own pieces (one pass
-per piece), loads only those rows and their mix partners, and the gradients are summed over processes
-with one all-reduce per optimiser step. Each piece's loss is its KL sum divided by the global batch
-length, so the summed gradient equals the one-process gradient of KLDiv(batchmean) over the batch.
-A must be a multiple of the world size or the world size a multiple of A; when A >= world every
-forward pass sees exactly the rows of one one-process accumulation chunk, so BatchNorm statistics match too.
+Data parallel under torchrun with DistributedDataParallel: the global batch is --batch-size; it is cut into
+max(A, world) contiguous pieces (A = --gradient-accumulation-steps), each process forwards its own pieces (one
+pass per piece) and loads only those rows and their mix partners, and DDP averages the gradients in buckets
+while the last piece's backward runs. Each piece's loss is its KL sum divided by the global batch length (times
+the world size, which DDP's average divides out), so the update equals the one-process update of
+KLDiv(batchmean) over the batch. A must be a multiple of the world size or the world size a multiple of A; when
+A >= world every forward pass sees exactly the rows of one one-process accumulation chunk, so BatchNorm batch
+statistics match too. Validation is split over the processes and their counts summed.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -21,13 +23,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from d4m import fkd
+from d4m import fkd, views
 from d4m.data import DATASETS, ImageFolderDataset, val_dataset
+from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
+                        pick_device, precision_name, set_deterministic)
 from d4m.models import build_model
-from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed, pick_device
+from d4m.runtime import UsageError, atomic_path, cli, init_distributed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,8 +68,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from a checkpoint (default: OUTPUT_DIR/checkpoint.pth.tar)")
     p.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation")
-    p.add_argument("--device", default=None)
-    p.add_argument("--loader", default="tensor", choices=list(fkd.LOADERS))
+    p.add_argument("--loader", default="tensor", choices=list(views.LOADERS),
+                   help="tensor: decode once into host memory, crop and resize on the device; pil: the original's "
+                        "per-image PIL path")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="the student's autocast on CUDA (auto: bf16); off keeps float32. The CPU always runs float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, BatchNorm statistics over the pieces of all processes (SyncBatchNorm, CUDA)")
+    add_device_args(p)
     args = p.parse_args(argv)
     if min(args.batch_size, args.epochs, args.gradient_accumulation_steps, args.eval_interval, args.keep_topk) < 1:
         raise UsageError("--batch-size, --epochs, --gradient-accumulation-steps, --eval-interval and --keep-topk must be positive")
@@ -91,7 +103,8 @@ def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset) 
             raise UsageError(f"{message}; use the settings and images of the matching run (see {args.fkd_path}/meta.json)")
 
 
-def build_val(args: argparse.Namespace, meta: dict) -> DataLoader:
+def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, device: torch.device) -> DataLoader:
+    """This process's share of the real validation set (every world-th image)."""
     size = args.input_size
     resize = int(size * 256 / 224) if size >= 224 else size
     transform = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(meta["mean"], meta["std"])])
@@ -103,7 +116,8 @@ def build_val(args: argparse.Namespace, meta: dict) -> DataLoader:
         data = val_dataset(args.dataset, args.data_dir, transform)
     if len(data.classes) > meta["num_classes"]:
         raise UsageError(f"the validation set has {len(data.classes)} classes but the soft labels {meta['num_classes']}")
-    return DataLoader(data, batch_size=256, shuffle=False, num_workers=args.workers)
+    return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=256, shuffle=False,
+                      num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -134,24 +148,12 @@ def kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> 
     return F.kl_div(F.log_softmax(student / temperature, 1), F.softmax(teacher / temperature, 1), reduction="sum")
 
 
-def all_reduce_grads(model: nn.Module, loss: torch.Tensor, world: int) -> float:
-    """Sum gradients and the loss over processes; returns the summed loss."""
-    params = list(model.parameters())
-    if world == 1:
-        return float(loss)
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params] + [loss.reshape(1)])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-    return float(flat[-1])
-
-
-def train_epoch(args, model, optimizer, source, meta: dict, epoch: int, rank: int, world: int,
-                device: torch.device) -> float:
+def train_epoch(args, model: nn.Module, optimizer, scaler, source, meta: dict, epoch: int, rank: int, world: int,
+                device: torch.device, amp: torch.dtype | None) -> float:
+    """One epoch of replayed batches; returns the mean batch loss. The device is waited for once, at the end."""
     plan, soft = fkd.read_epoch(args.fkd_path, epoch, meta)
-    soft = fkd.keep_topk(soft.to(device), args.keep_topk)
+    if device.type == "cuda":
+        soft = soft.pin_memory()
     jobs, my_pieces = [], []
     for b in range(plan.num_batches):
         start, end = plan.bounds(b)
@@ -159,41 +161,59 @@ def train_epoch(args, model, optimizer, source, meta: dict, epoch: int, rank: in
         jobs.append(fkd.make_job(plan, b, torch.arange(mine[0][0], mine[-1][1])))
         my_pieces.append(mine)
     model.train()
-    total = 0.0
-    batches = fkd.replay_batches(plan, jobs, args.loader, source, args.workers, device, meta["mean"], meta["std"],
-                                 meta["mix_type"])
+    losses = torch.zeros(plan.num_batches, device=device)
+    batches = fkd.replay_batches(plan, jobs, source, args.workers, device, meta["mean"], meta["std"], meta["mix_type"])
     for (job, x), mine in zip(tqdm(batches, total=len(jobs), disable=rank != 0, leave=False, desc=f"epoch {epoch}"), my_pieces):
         start, end = plan.bounds(job.batch)
+        first, last = mine[0][0], mine[-1][1]
+        x = x.contiguous(memory_format=memory_format(device))
+        target = fkd.keep_topk(soft[start + first:start + last].to(device, non_blocking=True), args.keep_topk)
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.zeros((), device=device)
-        for lo, hi in mine:
-            if hi == lo:
-                continue
-            offset = mine[0][0]
-            piece = kl_sum(model(x[lo - offset:hi - offset]), soft[start + lo:start + hi], args.temperature) / (end - start)
-            piece.backward()
-            loss = loss + piece.detach()
-        batch_loss = all_reduce_grads(model, loss, world)
-        if not math.isfinite(batch_loss):
-            raise UsageError(f"the loss is {batch_loss} at epoch {epoch}, batch {job.batch}; lower the learning rate "
-                             "or check the soft labels for NaN/inf")
-        optimizer.step()
-        total += batch_loss
-    return total / plan.num_batches
+        for i, (lo, hi) in enumerate(mine):
+            # every piece runs, empty ones too, so that all processes join the same collectives
+            syncing = world == 1 or i == len(mine) - 1
+            with contextlib.nullcontext() if syncing else model.no_sync():
+                with autocast(device, amp):
+                    out = model(x[lo - first:hi - first])
+                piece = kl_sum(out.float(), target[lo - first:hi - first], args.temperature) / (end - start)
+                scaler.scale(piece * world).backward()  # DDP averages over the processes: undo it to sum
+            losses[job.batch] += piece.detach()
+        scaler.step(optimizer)
+        scaler.update()
+    if world > 1:
+        dist.all_reduce(losses)
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+    if bad:
+        raise UsageError(f"the loss is {float(losses[bad[0]])} at epoch {epoch}, batch {bad[0]}; lower the learning "
+                         "rate or check the soft labels for NaN/inf")
+    return float(losses.mean())
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device) -> tuple[float, float, int]:
+def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device, amp: torch.dtype | None,
+             world: int) -> tuple[float, float, int]:
+    """Top-1 and top-k (k = min(5, classes)) in %, over every process's share of the validation set."""
     model.eval()
     k = min(5, num_classes)
-    correct1 = correctk = seen = 0
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top-1 hits, top-k hits, images
     for images, labels in loader:
-        out = model(images.to(device))
-        top = out.topk(k, 1).indices.cpu()
-        correct1 += int((top[:, 0] == labels).sum())
-        correctk += int((top == labels[:, None]).any(1).sum())
-        seen += len(labels)
-    return 100.0 * correct1 / seen, 100.0 * correctk / seen, k
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            top = model(images).float().topk(k, 1).indices
+        counts += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
+                               torch.tensor(len(labels), device=device)]).double()
+    if world > 1:
+        dist.all_reduce(counts)
+    top1, topk, seen = counts.tolist()
+    return 100.0 * top1 / seen, 100.0 * topk / seen, k
+
+
+def share_buffers(model: nn.Module, world: int) -> None:
+    """Give every process rank 0's BatchNorm running statistics (each process updates its own in training)."""
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -213,15 +233,27 @@ def read_metrics(path: Path, before_epoch: int) -> list[dict]:
     return [row for row in rows if row["epoch"] < before_epoch]
 
 
-def load_checkpoint(args, model, optimizer, scheduler) -> tuple[int, float]:
+def checkpoint(net: nn.Module, optimizer, scheduler, scaler, epoch: int, best: float, device: torch.device) -> dict:
+    """Everything a resumed run needs to continue with the same weights as an uninterrupted one."""
+    state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best, "rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def load_checkpoint(args, net: nn.Module, optimizer, scheduler, scaler, device: torch.device) -> tuple[int, float]:
     path = Path(args.resume or Path(args.output_dir) / "checkpoint.pth.tar")
     if not path.is_file():
         raise UsageError(f"cannot resume: {path} does not exist; drop --resume or pass the checkpoint's path")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state.get("scaler", {}))
     torch.set_rng_state(state["rng"])
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     return int(state["epoch"]), float(state["best_top1"])
 
 
@@ -235,62 +267,87 @@ def start_wandb(args: argparse.Namespace):
     return wandb.init(project=args.wandb_project, config=vars(args))
 
 
+def build_student(args: argparse.Namespace, meta: dict, device: torch.device, world: int) -> nn.Module:
+    if args.sync_bn and world > 1 and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only); drop it on the CPU")
+    torch.manual_seed(args.seed)
+    net = build_model(args.model, meta["num_classes"], args.input_size)
+    if args.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net.to(device, memory_format=memory_format(device))
+
+
+def wrap(net: nn.Module, args: argparse.Namespace, device: torch.device, rank: int, world: int) -> nn.Module:
+    """The module that trains: DDP over the processes (BatchNorm running statistics stay per process), compiled
+    when asked."""
+    model = net
+    if world > 1:
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False, gradient_as_bucket_view=True)
+    return maybe_compile(model, device, args.compile, rank)
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rank, world = init_distributed()
+    device = pick_device(args.device)
+    set_deterministic(args.deterministic)
+    rank, world = init_distributed(device, args.dist_timeout)
     accumulation = args.gradient_accumulation_steps
     if accumulation % world and world % accumulation:
         raise UsageError(f"--gradient-accumulation-steps {accumulation} and {world} processes: one must be a multiple of the other")
-    device = pick_device(args.device)
+    amp = amp_dtype(args.amp, device)
     meta = fkd.read_meta(args.fkd_path)
     data = ImageFolderDataset(args.train_dir)
     check_store(args, meta, data)
     if not fkd.epoch_file(args.fkd_path, args.epochs - 1).is_file():
         raise UsageError(f"the store {args.fkd_path} lacks epoch {args.epochs - 1}; finish matching first")
-    val_loader = build_val(args, meta)
+    val_loader = build_val(args, meta, rank, world, device)
     paths = [path for path, _ in data.samples]
-    hw = fkd.image_sizes(paths)
-    if args.loader == "tensor":
-        fkd.check_one_size(hw)
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, meta["num_classes"], args.input_size).to(device)
-    optimizer = build_optimizer(args, model)
+    hw = views.image_sizes(paths)
+    net = build_student(args, meta, device, world)
+    optimizer = build_optimizer(args, net)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.cos, args.epochs))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     start, best = args.start_epoch, -1.0
     for _ in range(start):
         scheduler.step()
     if args.resume is not None:
-        start, best = load_checkpoint(args, model, optimizer, scheduler)
+        start, best = load_checkpoint(args, net, optimizer, scheduler, scaler, device)
+    shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
+    loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
+    announce("training", device, precision_name(amp), world, rank, f"student {args.model}", loader,
+             *(["SyncBatchNorm"] if args.sync_bn else []))
+    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+    model = wrap(net, args, device, rank, world)
     out = Path(args.output_dir)
-    source = fkd.build_source(args.loader, paths, hw, args.input_size, args.workers, device)
     metrics = read_metrics(out / "metrics.jsonl", start)
     run = start_wandb(args) if args.wandb and rank == 0 else None
     top1 = topk = None
+    k = min(5, meta["num_classes"])
     for epoch in tqdm(range(start, args.epochs), disable=rank != 0, desc="training", initial=start, total=args.epochs):
         began = time.time()
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row["loss"] = train_epoch(args, model, optimizer, source, meta, epoch, rank, world, device)
+        row["loss"] = train_epoch(args, model, optimizer, scaler, source, meta, epoch, rank, world, device, amp)
         scheduler.step()
-        if rank == 0 and ((epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1):
-            top1, topk, k = evaluate(model, val_loader, meta["num_classes"], device)
+        share_buffers(net, world)
+        if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
+            top1, topk, k = evaluate(net, val_loader, meta["num_classes"], device, amp, world)
             row.update({"top1": top1, f"top{k}": topk})
             if top1 >= best:
                 best = top1
-                atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "top1": top1}, out / "model_best.pth.tar")
+                if rank == 0:
+                    atomic_save({"model": net.state_dict(), "epoch": epoch + 1, "top1": top1}, out / "model_best.pth.tar")
         if rank == 0:
             row["seconds"] = time.time() - began
             metrics.append(row)
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch + 1, "best_top1": best, "rng": torch.get_rng_state()}, out / "checkpoint.pth.tar")
+            atomic_save(checkpoint(net, optimizer, scheduler, scaler, epoch + 1, best, device), out / "checkpoint.pth.tar")
             write_metrics(out / "metrics.jsonl", metrics)
             if run is not None:
                 run.log(row)
-        barrier()
+    if top1 is None:
+        top1, topk, k = evaluate(net, val_loader, meta["num_classes"], device, amp, world)
     if rank == 0:
-        k = min(5, meta["num_classes"])
-        if top1 is None:
-            top1, topk, k = evaluate(model, val_loader, meta["num_classes"], device)
         with atomic_path(out / "results.json") as tmp:
             tmp.write_text(json.dumps({"top1": top1, f"top{k}": topk, "best_top1": max(best, top1),
                                        "epochs": args.epochs, "model": args.model}, indent=1))

@@ -1,0 +1,269 @@
+"""The pixels of FKD's augmented views: a crop box and a flip per view, resized to the input size.
+
+Two sources give the views of a list of jobs (one job = the views one batch needs), both as a Dataset whose
+item is a whole job, so that any DataLoader worker count gives the same batches:
+  * `PilViews`, the reference: every view decoded from its file, cropped and resized by PIL (bilinear, PIL's
+    antialiased filter), flipped; the original's way.
+  * `CropViews` (the default "tensor" loader): the image set is decoded once into host memory (`HostImages`:
+    uint8, every image at its own size, shared between the processes of a machine where /dev/shm allows).
+    A worker cuts each view's crop out of it; only those crops travel to the device, where one batched pair of
+    matrix products per chunk resizes them with the same antialiased bilinear weights PIL uses, the flip folded
+    into the weights. Device memory thus depends on the batch, never on the size of the set.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from d4m.data import load_rgb
+from d4m.runtime import UsageError, barrier, first_error
+
+LOADERS = ("tensor", "pil")
+SHARED_MEMORY = Path("/dev/shm")
+RESIZE_CHUNK = 256  # views resized per matrix product: bounds the device memory of a batch
+Spec = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image indices, crop fractions, flips of a job's views
+
+
+def pixel_boxes(crops: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """Fraction boxes [k,4] and image sizes [k,2] -> integer top, left, height, width."""
+    scale = torch.stack([hw[:, 0], hw[:, 1], hw[:, 0], hw[:, 1]], 1).double()
+    return torch.round(crops.double() * scale).long()
+
+
+def image_sizes(paths: Sequence[str]) -> np.ndarray:
+    """[N,2] heights and widths, read from the file headers."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes.append((img.height, img.width))
+        except (OSError, ValueError) as err:
+            raise UsageError(f"cannot read image {path}: {err}") from err
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
+
+
+# ----------------------------------------------------------------------------- the PIL reference
+
+
+class PilViews(Dataset):
+    """Item j: job j's views as a float tensor [k,3,S,S] in [0,1], each decoded, cropped and resized by PIL."""
+
+    def __init__(self, paths: Sequence[str], size: int):
+        self.paths, self.size, self.specs = list(paths), size, []
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        index, crops, flips = self.specs[j]
+        if len(index) == 0:
+            return torch.empty(0, 3, self.size, self.size)
+        return torch.stack([self.view(int(i), c, bool(f)) for i, c, f in zip(index, crops, flips)])
+
+    def view(self, index: int, crop: torch.Tensor, flip: bool) -> torch.Tensor:
+        img = load_rgb(self.paths[index])
+        top, left, h, w = pixel_boxes(crop[None], torch.tensor([[img.height, img.width]]))[0].tolist()
+        img = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+
+    def finish(self, views: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return views.to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- the host cache
+
+
+class _Decode(Dataset):
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.array(load_rgb(self.paths[i]), dtype=np.uint8)
+
+
+class HostImages:
+    """Every image of a set in one flat uint8 buffer, each image [h,w,3] at its own size."""
+
+    def __init__(self, data: np.ndarray, sizes: np.ndarray, shared_by: int = 1):
+        self.data, self.sizes, self.shared_by = data, sizes, shared_by
+        lengths = sizes[:, 0] * sizes[:, 1] * 3
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+    @staticmethod
+    def nbytes_of(sizes: np.ndarray) -> int:
+        return int((sizes[:, 0] * sizes[:, 1]).sum() * 3)
+
+    def image(self, i: int) -> np.ndarray:
+        h, w = self.sizes[i]
+        return self.data[self.offsets[i]:self.offsets[i] + h * w * 3].reshape(h, w, 3)
+
+    def fill(self, paths: Sequence[str], workers: int, show: bool) -> None:
+        """Decode every image into the buffer (DataLoader workers decode, this process copies)."""
+        loader = DataLoader(_Decode(paths), batch_size=None, num_workers=workers)
+        for i, image in enumerate(tqdm(loader, total=len(paths), desc="decoding images", unit="img",
+                                       disable=not show, leave=False)):
+            if tuple(image.shape[:2]) != tuple(self.sizes[i]):
+                raise UsageError(f"image {paths[i]} decodes to {tuple(image.shape[:2])} pixels but its header says "
+                                 f"{tuple(self.sizes[i])}; re-save the file")
+            self.data[self.offsets[i]:self.offsets[i] + image.numel()] = image.numpy().ravel()
+
+
+def cache_sharing(sizes: np.ndarray) -> int:
+    """How many processes will share the host cache: the processes of this machine under torchrun when every
+    machine has room in /dev/shm for it, else 1 (each decodes its own). A collective under torchrun."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return local_world if local_world > 1 and dist.is_initialized() and _everyone(_shm_room(HostImages.nbytes_of(sizes))) else 1
+
+
+def describe_cache(sizes: np.ndarray, shared_by: int) -> str:
+    shared = f", shared by {shared_by} processes" if shared_by > 1 else ""
+    return f"image cache {len(sizes)} images, {HostImages.nbytes_of(sizes) / 1e9:.2f} GB of host memory{shared}"
+
+
+def load_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int, rank: int, shared_by: int) -> HostImages:
+    """Decode the set once into host memory, shared through /dev/shm by `shared_by` local processes."""
+    if shared_by > 1:
+        return _shared_host_images(paths, sizes, workers, shared_by)
+    images = HostImages(np.empty(HostImages.nbytes_of(sizes), np.uint8), sizes)
+    images.fill(paths, workers, show=rank == 0)
+    return images
+
+
+def _shm_room(total: int) -> bool:
+    try:
+        stat = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize > total * 1.1 + 2**28
+
+
+def _everyone(flag: bool) -> bool:
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return all(flags)
+
+
+def _shared_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int, local_world: int) -> HostImages:
+    """Local rank 0 decodes into a /dev/shm file, the others map it, and the name is unlinked once all have
+    it mapped (the memory lives on until the last process exits)."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "0")
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:12]
+    name = SHARED_MEMORY / f"d4m-images-{run}-{digest}"
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    total = HostImages.nbytes_of(sizes)
+    error = ""
+    if first:
+        tmp = name.with_name(name.name + f".tmp{os.getpid()}")
+        try:
+            buffer = np.memmap(tmp, np.uint8, "w+", shape=(total,))
+            HostImages(buffer, sizes).fill(paths, workers, show=dist.get_rank() == 0)
+            buffer.flush()
+            del buffer
+            os.replace(tmp, name)
+        except UsageError as err:
+            error = str(err)
+            tmp.unlink(missing_ok=True)
+    error = first_error(error, dist.get_world_size())
+    if error:
+        raise UsageError(error)
+    images = HostImages(np.memmap(name, np.uint8, "r", shape=(total,)), sizes, shared_by=local_world)
+    barrier()
+    if first:
+        name.unlink()
+    return images
+
+
+# ----------------------------------------------------------------------------- crops resized on the device
+
+
+class CropViews(Dataset):
+    """Item j: job j's crops cut out of the host images, padded to the largest (uint8 [k,hmax,wmax,3]), with
+    their sizes [k,2] and flips [k]; `finish` resizes them on the device."""
+
+    def __init__(self, images: HostImages, size: int):
+        self.images, self.size, self.specs = images, size, []
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, crops, flips = self.specs[j]
+        boxes = pixel_boxes(crops, torch.from_numpy(self.images.sizes[index.numpy()])).numpy()
+        height, width = (int(boxes[:, 2].max()), int(boxes[:, 3].max())) if len(index) else (1, 1)
+        out = np.empty((len(index), height, width, 3), np.uint8)  # padding is never read: its weights are 0
+        for row, (i, (top, left, h, w)) in enumerate(zip(index.tolist(), boxes.tolist())):
+            out[row, :h, :w] = self.images.image(i)[top:top + h, left:left + w]
+        return torch.from_numpy(out), torch.from_numpy(boxes[:, 2:].copy()), flips.bool()
+
+    def finish(self, item: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device) -> torch.Tensor:
+        crops, sizes, flips = (t.to(device, non_blocking=True) for t in item)
+        return resize_crops(crops, sizes, flips, self.size)
+
+
+def resample_weights(lengths: torch.Tensor, out: int, span: int) -> torch.Tensor:
+    """[k, out, span] weights of PIL's antialiased bilinear resampling from `lengths[i]` pixels to `out`: a
+    triangle filter widened by the downscale factor, centred on each output pixel, cut at the input's end
+    (columns from lengths[i] to span are zero) and normalised to sum 1."""
+    scale = lengths.float() / out
+    support = scale.clamp(min=1.0)
+    centres = (torch.arange(out, device=lengths.device) + 0.5)[None] * scale[:, None]
+    source = torch.arange(span, device=lengths.device) + 0.5
+    weights = (1 - ((source[None, None] - centres[..., None]) / support[:, None, None]).abs()).clamp_(min=0)
+    weights *= source[None, None] < lengths[:, None, None]
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def resize_crops(crops: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 crops [k,H,W,3] (the top-left sizes[i] of each is real) -> float views [k,3,size,size] in [0,1],
+    horizontally flipped where `flips`. Computed in float32 whatever autocast is active."""
+    views = []
+    with torch.autocast(crops.device.type, enabled=False):
+        for part in range(0, len(crops), RESIZE_CHUNK):
+            rows = slice(part, part + RESIZE_CHUNK)
+            pixels = crops[rows].permute(0, 3, 1, 2).float()
+            along_y = resample_weights(sizes[rows, 0], size, crops.shape[1])
+            along_x = resample_weights(sizes[rows, 1], size, crops.shape[2])
+            along_x = torch.where(flips[rows, None, None], along_x.flip(1), along_x)
+            views.append(along_y[:, None] @ pixels @ along_x.transpose(1, 2)[:, None])
+    if not views:
+        return torch.empty(0, 3, size, size, device=crops.device)
+    return torch.cat(views).div_(255)
+
+
+# ----------------------------------------------------------------------------- both sources
+
+
+def build_source(loader: str, paths: Sequence[str], sizes: np.ndarray, size: int, workers: int,
+                 rank: int = 0, shared_by: int = 1) -> PilViews | CropViews:
+    if loader == "tensor":
+        return CropViews(load_host_images(paths, sizes, workers, rank, shared_by), size)
+    if loader == "pil":
+        return PilViews(paths, size)
+    raise UsageError(f"unknown --loader {loader!r}; choose tensor or pil")
+
+
+def iterate_views(source: PilViews | CropViews, specs: list[Spec], workers: int,
+                  device: torch.device) -> Iterator[torch.Tensor]:
+    """Float [k,3,S,S] views of each job spec in order, on the device (workers prepare the next jobs)."""
+    source.specs = specs
+    # fork shares the host cache with the workers; other start methods would copy it into each
+    context = "fork" if workers and sys.platform == "linux" else None
+    loader = DataLoader(source, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                        multiprocessing_context=context)
+    for item in loader:
+        yield source.finish(item, device)
