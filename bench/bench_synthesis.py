@@ -1,36 +1,36 @@
 """Benchmark: stage-2 synthesis, the original's one-image-per-call loop vs this project's batched generation.
 
-original: one pipeline call per image, the prompt strings (label and negative) re-encoded by the text encoder
-          in every call, classifier-free guidance.
-batched:  gen_syn_image.py's way: prototypes of several classes per call, each class's prompt embeddings
-          encoded once and reused, optionally a compiled UNet.
+original:   one pipeline call per image, the prompt strings (label and negative) re-encoded by the text encoder
+            in every call, classifier-free guidance.
+batched:    gen_syn_image.py's way: prototypes of several classes per call, each class's prompt embeddings
+            encoded once and reused, UNet and VAE channels_last on CUDA, optionally a compiled UNet (PNG writing,
+            done by threads in the script, is left out).
+UNet alone: the UNet's forward passes at the batched mode's size (2 x batch with guidance) on the device, turned
+            into images/s as one image needs 2 x int(steps * strength) passes: the ceiling of both modes.
 Both modes use the same prototypes and the same per-image generators, and the benchmark checks that they
 make the same images (max abs difference of the float images in [0, 1]). Each mode is warmed up once first.
 On CPU both run with gen_syn_image.py's batch-invariant kernels (exactly equal images) unless --no-invariant.
 
     python bench/bench_synthesis.py                  # CPU: the Fashion-MNIST model (else a tiny random one), 32 px
-    python bench/bench_synthesis.py --sd15 --images 64 --batch-size 16   # GPU: SD-1.5-sized, 512 px, fp16
+    python bench/bench_synthesis.py --sd15 --images 64 --batch-size 16 --compile --device cuda   # SD-1.5-sized, 512 px
     python bench/bench_synthesis.py --sd15 --steps 2 --size 64 --images 2 --batch-size 2   # CPU smoke check
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from d4m.data import default_prompt_file, load_prompts
+from d4m.device import memory_format, pick_device
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype, use_sdpa
-from d4m.runtime import pick_device, seeded_generator
-from d4m.tiny_sd import SD15_SCHEDULER, build_tiny_sd, write_char_tokenizer
+from d4m.runtime import seeded_generator
+from d4m.tiny_sd import build_sd15, build_tiny_sd
+from measure import machine, peak_device_gb, print_rows, reset_peaks, timed, write_json
 from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
 
 FASHION_MODEL = Path(__file__).resolve().parent.parent / "models" / "fashion_mnist" / "ldm"
@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sd15", action="store_true", help="an SD-1.5-sized model with random weights (512 px default)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default 32; 512 with --sd15)")
     p.add_argument("--images", type=int, default=30)
+    p.add_argument("--original-images", type=int, default=1000,
+                   help="make at most this many of them the original's way (it is slow on a GPU)")
     p.add_argument("--batch-size", type=int, default=10, help="images per call in the batched mode")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--strength", type=float, default=0.7)
@@ -56,36 +58,14 @@ def parse_args() -> argparse.Namespace:
                    help="on CPU, let kernels vary with the batch (faster; images then differ in the last bits)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); on a busy machine 1 thread is much faster than 2")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     args.size = args.size or (512 if args.sd15 else 32)
     return args
 
 
-def build_sd15(folder: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusionLatents2ImgPipeline:
-    """SD-1.5's UNet, VAE and text encoder shapes with random weights (they time the same as trained ones)."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-    )
-    tokenizer = write_char_tokenizer(folder / "tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    unet, vae, text_encoder = (model.to(dtype) for model in (unet, vae, text_encoder))
-    pipe = StableDiffusionLatents2ImgPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**SD15_SCHEDULER),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+def build_sd15_pipeline(folder: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusionLatents2ImgPipeline:
+    pipe = StableDiffusionLatents2ImgPipeline(**build_sd15(folder, dtype))
     pipe.set_progress_bar_config(disable=True)
     use_sdpa(pipe)
     return pipe.to(device)
@@ -94,7 +74,7 @@ def build_sd15(folder: Path, device: torch.device, dtype: torch.dtype) -> Stable
 def load_model(args: argparse.Namespace, folder: Path, device: torch.device) -> tuple[object, str]:
     """(pipeline, its description)."""
     if args.sd15:
-        return build_sd15(folder, device, pipeline_dtype(device, args.dtype)), "SD-1.5-sized, random weights"
+        return build_sd15_pipeline(folder, device, pipeline_dtype(device, args.dtype)), "SD-1.5-sized, random weights"
     path = Path(args.model) if args.model else FASHION_MODEL
     name = str(path)
     if not (path / "model_index.json").is_file():
@@ -130,25 +110,25 @@ def batched(pipe, args: argparse.Namespace, protos: torch.Tensor, prompts: list[
     return np.concatenate(out)
 
 
-def timed(run: Callable[[], np.ndarray], device: torch.device) -> tuple[np.ndarray, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    images = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return images, time.perf_counter() - start
-
-
 def to_8bit(images: np.ndarray) -> np.ndarray:
     """As the pipeline's PIL output (and so the saved PNGs) rounds them."""
     return (images * 255).round().astype(np.uint8)
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+def unet_alone(pipe, batch: int, guidance: bool, device: torch.device, repeats: int = 5) -> float:
+    """UNet forward passes per second at the batched mode's size, on random latents and embeddings."""
+    side = pipe.unet.config.sample_size
+    samples = batch * (2 if guidance else 1)
+    dtype = pipe.unet.dtype
+    latents = torch.randn(samples, 4, side, side, device=device, dtype=dtype).contiguous(
+        memory_format=memory_format(device))
+    embeds = torch.randn(samples, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
+    step = torch.tensor(500, device=device)
+    with torch.no_grad():
+        pipe.unet(latents, step, encoder_hidden_states=embeds)
+        _, seconds = timed(lambda: [pipe.unet(latents, step, encoder_hidden_states=embeds) for _ in range(repeats)],
+                           device)
+    return samples * repeats / seconds
 
 
 def main() -> None:
@@ -165,28 +145,45 @@ def main() -> None:
     side = args.size // pipe.vae_scale_factor
     protos = torch.randn(len(jobs), 4, side, side, generator=torch.Generator().manual_seed(args.seed))
     invariant = device.type == "cpu" and not args.no_invariant
+    guidance = args.guidance > 1
+    passes = (2 if guidance else 1) * int(args.steps * args.strength)
+    originals = min(len(jobs), args.original_images)
     with batch_invariant(pipe, device) if invariant else contextlib.nullcontext():
         original(pipe, args, protos[:1], prompts, jobs[:1])  # warm-up
-        reference, t_original = timed(lambda: original(pipe, args, protos, prompts, jobs), device)
+        reference, t_original = timed(lambda: original(pipe, args, protos[:originals], prompts, jobs[:originals]),
+                                      device)
+        pipe.unet.to(memory_format=memory_format(device))
+        pipe.vae.to(memory_format=memory_format(device))
         note = compile_unet(pipe, device) if args.compile else ""
         batched(pipe, args, protos[: args.batch_size], prompts, jobs[: args.batch_size])  # warm-up (and compile)
+        reset_peaks(device)
         images, t_batched = timed(lambda: batched(pipe, args, protos, prompts, jobs), device)
-    rate_o, rate_b = len(jobs) / t_original, len(jobs) / t_batched
+        device_gb = peak_device_gb(device)
+        alone = unet_alone(pipe, args.batch_size, guidance, device)
+    rate_o, rate_b = originals / t_original, len(jobs) / t_batched
     compiled = ("yes" if not note else f"no ({note})") if args.compile else "no"
+    diff = float(np.abs(images[:originals] - reference).max())
+    figures = {"machine": machine(device), "model": model, "size": args.size, "original_img_s": rate_o,
+               "batched_img_s": rate_b, "unet_alone_samples_s": alone, "unet_alone_img_s": alone / passes,
+               "batch": args.batch_size, "compiled": compiled == "yes", "peak_device_gb": device_gb,
+               "max_abs_diff": diff}
     rows = [
-        ("machine", f"{machine(device)}, torch {torch.__version__}"),
+        ("machine", figures["machine"]),
         ("model", f"{model}, dtype {pipe.unet.dtype}, {args.size} px"),
-        ("settings", f"{len(jobs)} images, {args.steps} steps, strength {args.strength}, guidance {args.guidance}, "
-                     f"batch {args.batch_size}, compiled UNet: {compiled}, "
+        ("settings", f"{len(jobs)} images ({originals} the original's way), {args.steps} steps, strength "
+                     f"{args.strength}, guidance {args.guidance}, batch {args.batch_size}, compiled UNet: {compiled}, "
                      f"batch-invariant CPU kernels: {'yes' if invariant else 'no'}"),
         ("original (1 image/call)", f"{rate_o:.3f} images/s ({t_original:.1f} s)"),
         ("batched, cached prompts", f"{rate_b:.3f} images/s ({t_batched:.1f} s)"),
+        ("UNet alone", f"{alone:.1f} samples/s = {alone / passes:.3f} images/s at {passes} passes per image"),
         ("ratio batched/original", f"{rate_b / rate_o:.2f}x"),
-        ("max abs diff of images", f"{float(np.abs(images - reference).max()):.3g} (float, 0..1); 8-bit values differing: "
-                                   f"{int((to_8bit(images) != to_8bit(reference)).sum())} of {images.size}"),
+        ("max abs diff of images", f"{diff:.3g} (float, 0..1); 8-bit values differing: "
+                                   f"{int((to_8bit(images[:originals]) != to_8bit(reference)).sum())} of "
+                                   f"{reference.size}"),
+        ("peak device memory", f"{device_gb:.2f} GB" if device_gb is not None else "- (CPU)"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print_rows(rows)
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

@@ -298,16 +298,36 @@ def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Te
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp))
 
 
-def read_epoch(store: str | Path, epoch: int, meta: dict) -> tuple[EpochPlan, torch.Tensor]:
-    """The plan of an epoch and its soft labels as full fp32 logits [N,C]."""
+@dataclass
+class SoftLabels:
+    """An epoch's soft labels kept as stored (full logits, or the top-K parts), turned into full float32 rows on
+    the device a batch at a time: host memory stays at the store's size, device memory at a batch's."""
+    tensors: dict[str, torch.Tensor]
+    classes: int
+
+    def pin(self) -> "SoftLabels":
+        return SoftLabels({k: v.pin_memory() for k, v in self.tensors.items()}, self.classes)
+
+    def rows(self, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        part = {k: v[start:end].to(device, non_blocking=True) for k, v in self.tensors.items()}
+        if "logits" in part:
+            return part["logits"].float()
+        return topk_rebuild(part["topk_values"], part["topk_indices"], part["rest_mean"], self.classes)
+
+
+def read_epoch(store: str | Path, epoch: int, meta: dict) -> tuple[EpochPlan, SoftLabels]:
+    """The plan of an epoch and its soft labels."""
     path = epoch_file(store, epoch)
     if not path.is_file():
         raise UsageError(f"soft-label file {path} is missing; rerun matching to complete the store")
     tensors = load_file(str(path))
     tensors.update(order=tensors["order"].long(), crops=tensors["crops"].double(), perm=tensors["perm"].long())
     plan = EpochPlan.from_tensors(tensors, meta["batch_size"])
+    classes = meta["num_classes"]
     if "logits" in tensors:
-        return plan, tensors["logits"].float()
+        return plan, SoftLabels({"logits": tensors["logits"]}, classes)
     values = tensors["topk_values"]
-    indices = unpack_indices(tensors["topk_indices"], values.shape[0], values.shape[1], meta["num_classes"])
-    return plan, topk_rebuild(values, indices, tensors["rest_mean"], meta["num_classes"])
+    indices = unpack_indices(tensors["topk_indices"], values.shape[0], values.shape[1], classes)
+    parts = {"topk_values": values, "topk_indices": indices.to(torch.int16 if classes <= 32767 else torch.int32),
+             "rest_mean": tensors["rest_mean"]}
+    return plan, SoftLabels(parts, classes)

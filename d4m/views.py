@@ -6,9 +6,10 @@ item is a whole job, so that any DataLoader worker count gives the same batches:
     antialiased filter), flipped; the original's way.
   * `CropViews` (the default "tensor" loader): the image set is decoded once into host memory (`HostImages`:
     uint8, every image at its own size, shared between the processes of a machine where /dev/shm allows).
-    A worker cuts each view's crop out of it; only those crops travel to the device, where one batched pair of
-    matrix products per chunk resizes them with the same antialiased bilinear weights PIL uses, the flip folded
-    into the weights. Device memory thus depends on the batch, never on the size of the set.
+    A worker cuts each view's crop out of it; only those crops travel to the device, where a GPU resizes them all
+    at once by a batched pair of matrix products with the antialiased bilinear weights PIL uses, the flip folded
+    into the weights (the CPU resizes view by view). Device memory depends on the batch, never on the size of
+    the set.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -230,19 +232,37 @@ def resample_weights(lengths: torch.Tensor, out: int, span: int) -> torch.Tensor
 
 def resize_crops(crops: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 crops [k,H,W,3] (the top-left sizes[i] of each is real) -> float views [k,3,size,size] in [0,1],
-    horizontally flipped where `flips`. Computed in float32 whatever autocast is active."""
-    views = []
+    horizontally flipped where `flips`, computed in float32 whatever autocast is active. On a GPU all views go
+    through batched matrix products (one launch per chunk, not per view); on the CPU, where those products cost
+    more than the crops themselves, each view is resized by torch's antialiased interpolation, which gives the
+    same numbers (the tests compare the two)."""
     with torch.autocast(crops.device.type, enabled=False):
-        for part in range(0, len(crops), RESIZE_CHUNK):
-            rows = slice(part, part + RESIZE_CHUNK)
-            pixels = crops[rows].permute(0, 3, 1, 2).float()
-            along_y = resample_weights(sizes[rows, 0], size, crops.shape[1])
-            along_x = resample_weights(sizes[rows, 1], size, crops.shape[2])
-            along_x = torch.where(flips[rows, None, None], along_x.flip(1), along_x)
-            views.append(along_y[:, None] @ pixels @ along_x.transpose(1, 2)[:, None])
+        if crops.device.type == "cpu":
+            return resize_each(crops, sizes, flips, size)
+        return resize_batched(crops, sizes, flips, size)
+
+
+def resize_batched(crops: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    views = []
+    for part in range(0, len(crops), RESIZE_CHUNK):
+        rows = slice(part, part + RESIZE_CHUNK)
+        pixels = crops[rows].permute(0, 3, 1, 2).float()
+        along_y = resample_weights(sizes[rows, 0], size, crops.shape[1])
+        along_x = resample_weights(sizes[rows, 1], size, crops.shape[2])
+        along_x = torch.where(flips[rows, None, None], along_x.flip(1), along_x)
+        views.append(along_y[:, None] @ pixels @ along_x.transpose(1, 2)[:, None])
     if not views:
         return torch.empty(0, 3, size, size, device=crops.device)
     return torch.cat(views).div_(255)
+
+
+def resize_each(crops: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
+    views = torch.empty(len(crops), 3, size, size, device=crops.device)
+    for i, ((h, w), flip) in enumerate(zip(sizes.tolist(), flips.tolist())):
+        crop = crops[i, :h, :w].permute(2, 0, 1)[None].float()
+        view = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        views[i] = view[0].flip(-1) if flip else view[0]
+    return views.div_(255)
 
 
 # ----------------------------------------------------------------------------- both sources

@@ -9,7 +9,6 @@ from PIL import Image
 from conftest import make_image_folder
 from d4m import fkd, views
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
-from d4m.runtime import UsageError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,17 +121,18 @@ def test_mixed_size_images_replay_like_pil(tmp_path):
 @pytest.mark.parametrize("height,width,size", [(32, 32, 32), (7, 13, 32), (224, 224, 224), (300, 500, 224),
                                                (100, 37, 64), (5, 5, 48)])
 def test_batched_resize_equals_torch_antialiased_interpolate(height, width, size):
-    """The weights of one batched product give torch's own antialiased bilinear resize of the crop (+ flip),
-    whatever padding surrounds the crop."""
+    """The GPU's batched products and the CPU's per-view path both give torch's own antialiased bilinear resize
+    of the crop (+ flip), whatever padding surrounds the crop."""
     gen = torch.Generator().manual_seed(height * width)
     crop = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
     padded = torch.randint(0, 256, (2, height + 7, width + 3, 3), generator=gen, dtype=torch.uint8)
     padded[:, :height, :width] = crop
-    out = views.resize_crops(padded, torch.tensor([[height, width]] * 2), torch.tensor([False, True]), size)
     reference = torch.nn.functional.interpolate(crop.permute(2, 0, 1)[None].float(), size=(size, size),
                                                 mode="bilinear", antialias=True, align_corners=False) / 255
-    torch.testing.assert_close(out[0], reference[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[1], reference[0].flip(-1), atol=1e-5, rtol=0)
+    for resize in (views.resize_batched, views.resize_each, views.resize_crops):
+        out = resize(padded, torch.tensor([[height, width]] * 2), torch.tensor([False, True]), size)
+        torch.testing.assert_close(out[0], reference[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[1], reference[0].flip(-1), atol=1e-5, rtol=0)
 
 
 def test_host_cache_holds_every_image_at_its_own_size(tmp_path):

@@ -28,7 +28,7 @@ def replayed_logits(store, epoch, data, teacher_path, loader, device="cpu"):
     """(fresh teacher logits, stored logits) of each batch of an epoch, replayed as matching computed them:
     on `device`, under the autocast the run used, rounded to the stored dtype."""
     meta = fkd.read_meta(store)
-    plan, stored = fkd.read_epoch(store, epoch, meta)
+    plan, soft = fkd.read_epoch(store, epoch, meta)
     device = torch.device(device)
     teacher, record = load_teacher_file(teacher_path)
     teacher = teacher.to(device, memory_format=memory_format(device))
@@ -41,7 +41,7 @@ def replayed_logits(store, epoch, data, teacher_path, loader, device="cpu"):
         start, end = plan.bounds(b)
         with torch.no_grad(), autocast(device, amp):
             fresh = teacher(x.contiguous(memory_format=memory_format(device)))
-        yield fresh.to(getattr(torch, meta["dtype"])).float().cpu(), stored[start:end]
+        yield fresh.to(getattr(torch, meta["dtype"])).float().cpu(), soft.rows(start, end)
 
 
 @pytest.mark.parametrize("device", DEVICES)

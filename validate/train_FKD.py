@@ -153,7 +153,7 @@ def train_epoch(args, model: nn.Module, optimizer, scaler, source, meta: dict, e
     """One epoch of replayed batches; returns the mean batch loss. The device is waited for once, at the end."""
     plan, soft = fkd.read_epoch(args.fkd_path, epoch, meta)
     if device.type == "cuda":
-        soft = soft.pin_memory()
+        soft = soft.pin()
     jobs, my_pieces = [], []
     for b in range(plan.num_batches):
         start, end = plan.bounds(b)
@@ -167,7 +167,7 @@ def train_epoch(args, model: nn.Module, optimizer, scaler, source, meta: dict, e
         start, end = plan.bounds(job.batch)
         first, last = mine[0][0], mine[-1][1]
         x = x.contiguous(memory_format=memory_format(device))
-        target = fkd.keep_topk(soft[start + first:start + last].to(device, non_blocking=True), args.keep_topk)
+        target = fkd.keep_topk(soft.rows(start + first, start + last, device), args.keep_topk)
         optimizer.zero_grad(set_to_none=True)
         for i, (lo, hi) in enumerate(mine):
             # every piece runs, empty ones too, so that all processes join the same collectives
