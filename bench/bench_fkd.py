@@ -173,35 +173,38 @@ def run_alone(args: argparse.Namespace, nets: Networks, device: torch.device) ->
     return result
 
 
+def print_row(mode: str, r: dict) -> None:
+    device_gb = f"{r['peak_device_gb']:.2f}" if r["peak_device_gb"] is not None else "-"
+    print(f"{mode:9} {r.get('setup_s', 0):8.2f} {r.get('data_img_s', float('nan')):11.1f} "
+          f"{r['matching_img_s']:15.1f} {r['training_img_s']:15.1f} {r['peak_host_gb']:13.2f} {device_gb:>15}",
+          flush=True)
+
+
 def main() -> None:
     args = parse_args()
     if args.mode:
         print(json.dumps(run_mode(args)))
         return
     device = pick_device(args.device)
+    print(f"{args.images} images of {args.size} px -> {args.input_size} px crops, {args.arch}, batch {args.batch_size}, "
+          f"accumulation {args.accumulation}, {args.workers} workers, {machine(device)}"
+          f"{', compiled' if args.compile else ''}")
+    print(f"{'mode':9} {'setup s':>8} {'data img/s':>11} {'matching img/s':>15} {'training img/s':>15} "
+          f"{'peak host GB':>13} {'peak device GB':>15}", flush=True)
+    figures = {"machine": machine(device), "settings": vars(args) | {"mode": None, "data": None}}
     with tempfile.TemporaryDirectory() as tmp:
         make_images(Path(tmp), args.images, args.classes, args.size)
-        results = {}
         for mode in MODES:
             cmd = [sys.executable, __file__, "--mode", mode, "--data", tmp] + sys.argv[1:]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{mode} failed:\n{done.stderr[-3000:]}")
-            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"{args.images} images of {args.size} px -> {args.input_size} px crops, {args.arch}, batch {args.batch_size}, "
-          f"accumulation {args.accumulation}, {args.workers} workers, {machine(device)}"
-          f"{', compiled' if args.compile else ''}")
-    print(f"{'mode':9} {'setup s':>8} {'data img/s':>11} {'matching img/s':>15} {'training img/s':>15} "
-          f"{'peak host GB':>13} {'peak device GB':>15}")
-    for mode, r in results.items():
-        device_gb = f"{r['peak_device_gb']:.2f}" if r["peak_device_gb"] is not None else "-"
-        print(f"{mode:9} {r.get('setup_s', 0):8.2f} {r.get('data_img_s', float('nan')):11.1f} "
-              f"{r['matching_img_s']:15.1f} {r['training_img_s']:15.1f} {r['peak_host_gb']:13.2f} {device_gb:>15}")
+            figures[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            print_row(mode, figures[mode])
+            write_json(args.json, figures)
     for stage in ("data", "matching", "training"):
-        print(f"{stage}: ours {results['ours'][f'{stage}_img_s'] / results['original'][f'{stage}_img_s']:.2f}x "
+        print(f"{stage}: ours {figures['ours'][f'{stage}_img_s'] / figures['original'][f'{stage}_img_s']:.2f}x "
               "the original's way")
-    write_json(args.json, {"machine": machine(device), "settings": vars(args) | {"mode": None, "data": None},
-                           **results})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
-from d4m.device import add_device_args, announce, compile_unavailable, memory_format, pick_device
+from d4m.device import (add_device_args, announce, compile_unavailable, memory_format, pick_device,
+                        set_deterministic)
 from d4m.diffusion import batch_invariant, load_pipeline
 from d4m.kmeans import METHODS, class_centres
 from d4m.latents import ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape
@@ -72,6 +73,7 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
+    set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
     data = train_dataset(args.dataset, args.data_dir)
     num_classes = class_count(args.dataset, data)

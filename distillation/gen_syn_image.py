@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts
-from d4m.device import add_device_args, announce, memory_format, pick_device
+from d4m.device import add_device_args, announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import DTYPES, EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
 from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed, seeded_generator
@@ -141,6 +141,7 @@ def my_share(todo: list[Job], rank: int, world: int) -> list[Job]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
+    set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
     protos = PrototypeFile(args.prototype_path)
     prompts = label_prompts(args, protos)
