@@ -1,21 +1,23 @@
 """The pixels of FKD's augmented views: a crop box and a flip per view, resized to the input size.
 
-Two sources give the views of a list of jobs (one job = the views one batch needs), both as a Dataset whose
-item is a whole job, so that any DataLoader worker count gives the same batches:
+Two sources give the views of a list of jobs (one job = the views one batch needs), each job prepared whole by
+one worker, so that any worker count gives the same batches:
   * `PilViews`, the reference: every view decoded from its file, cropped and resized by PIL (bilinear, PIL's
     antialiased filter), flipped; the original's way.
   * `CropViews` (the default "tensor" loader): the image set is decoded once into host memory (`HostImages`:
     uint8, every image at its own size, shared between the processes of a machine where /dev/shm allows).
-    A worker cuts each view's crop out of it; only those crops travel to the device, where a GPU resizes them all
-    at once by a batched pair of matrix products with the antialiased bilinear weights PIL uses, the flip folded
-    into the weights (the CPU resizes view by view). Device memory depends on the batch, never on the size of
-    the set.
+    Threads cut each view's crop out of it into pinned buffers; only those crops travel to the device, where a
+    GPU resizes them all at once by a batched pair of matrix products with the antialiased bilinear weights PIL
+    uses, the flip folded into the weights (the CPU resizes view by view). Device memory depends on the batch,
+    never on the size of the set.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import sys
+import queue
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -193,28 +195,68 @@ def _shared_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int, l
 # ----------------------------------------------------------------------------- crops resized on the device
 
 
-class CropViews(Dataset):
-    """Item j: job j's crops cut out of the host images, padded to the largest (uint8 [k,hmax,wmax,3]), with
-    their sizes [k,2] and flips [k]; `finish` resizes them on the device."""
+class CropViews:
+    """The tensor path: threads cut each job's crops out of the host images into reusable buffers (pinned on
+    CUDA) while the device copies and resizes the previous jobs'; `views` yields them in order."""
 
     def __init__(self, images: HostImages, size: int):
-        self.images, self.size, self.specs = images, size, []
+        self.images, self.size = images, size
 
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    def __getitem__(self, j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index, crops, flips = self.specs[j]
+    def cut(self, spec: Spec, buffer: torch.Tensor | None, pin: bool):
+        """(crops uint8 [k,hmax,wmax,3] in `buffer` (grown when too small), their sizes [k,2], flips [k], buffer).
+        The padding beyond each crop is left as it is: its resampling weights are 0."""
+        index, crops, flips = spec
         boxes = pixel_boxes(crops, torch.from_numpy(self.images.sizes[index.numpy()])).numpy()
         height, width = (int(boxes[:, 2].max()), int(boxes[:, 3].max())) if len(index) else (1, 1)
-        out = np.empty((len(index), height, width, 3), np.uint8)  # padding is never read: its weights are 0
+        need = len(index) * height * width * 3
+        if buffer is None or buffer.numel() < need:
+            buffer = torch.empty(need, dtype=torch.uint8, pin_memory=pin)
+        out = buffer[:need].view(len(index), height, width, 3)
+        array = out.numpy()
         for row, (i, (top, left, h, w)) in enumerate(zip(index.tolist(), boxes.tolist())):
-            out[row, :h, :w] = self.images.image(i)[top:top + h, left:left + w]
-        return torch.from_numpy(out), torch.from_numpy(boxes[:, 2:].copy()), flips.bool()
+            array[row, :h, :w] = self.images.image(i)[top:top + h, left:left + w]
+        return out, torch.from_numpy(boxes[:, 2:].copy()), flips.bool(), buffer
 
-    def finish(self, item: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device) -> torch.Tensor:
-        crops, sizes, flips = (t.to(device, non_blocking=True) for t in item)
-        return resize_crops(crops, sizes, flips, self.size)
+    def resized(self, crops: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+        crops = crops.to(device, non_blocking=True)
+        return resize_crops(crops, sizes.to(device, non_blocking=True), flips.to(device, non_blocking=True), self.size)
+
+    def views(self, specs: list[Spec], threads: int, device: torch.device) -> Iterator[torch.Tensor]:
+        if threads == 0:
+            for spec in specs:
+                crops, sizes, flips, _ = self.cut(spec, None, pin=False)
+                yield self.resized(crops, sizes, flips, device)
+            return
+        pin = device.type == "cuda"
+        free: queue.SimpleQueue = queue.SimpleQueue()  # (buffer, event after which its copy is done)
+        for _ in range(threads + 1):
+            free.put((None, None))
+
+        def cut_into_free(spec: Spec):
+            buffer, copied = free.get()
+            if copied is not None:
+                copied.synchronize()
+            return self.cut(spec, buffer, pin)
+
+        pool = ThreadPoolExecutor(threads)
+        try:
+            pending = deque(pool.submit(cut_into_free, spec) for spec in specs[:threads])
+            for j in range(len(specs)):
+                crops, sizes, flips, buffer = pending.popleft().result()
+                if j + threads < len(specs):
+                    pending.append(pool.submit(cut_into_free, specs[j + threads]))
+                views = self.resized(crops, sizes, flips, device)
+                copied = None
+                if pin:
+                    copied = torch.cuda.Event()
+                    copied.record()
+                free.put((buffer, copied))  # on the CPU the resize above has already read the buffer
+                yield views
+        finally:
+            for _ in range(threads):  # a consumer that stops early must not leave a thread waiting for a buffer
+                free.put((None, None))
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def resample_weights(lengths: torch.Tensor, out: int, span: int) -> torch.Tensor:
@@ -279,11 +321,12 @@ def build_source(loader: str, paths: Sequence[str], sizes: np.ndarray, size: int
 
 def iterate_views(source: PilViews | CropViews, specs: list[Spec], workers: int,
                   device: torch.device) -> Iterator[torch.Tensor]:
-    """Float [k,3,S,S] views of each job spec in order, on the device (workers prepare the next jobs)."""
+    """Float [k,3,S,S] views of each job spec in order, on the device: the PIL path through DataLoader worker
+    processes, the tensor path through `workers` threads (0: in this thread)."""
+    if isinstance(source, CropViews):
+        yield from source.views(specs, workers, device)
+        return
     source.specs = specs
-    # fork shares the host cache with the workers; other start methods would copy it into each
-    context = "fork" if workers and sys.platform == "linux" else None
-    loader = DataLoader(source, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        multiprocessing_context=context)
-    for item in loader:
-        yield source.finish(item, device)
+    loader = DataLoader(source, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
+    for views in loader:
+        yield source.finish(views, device)

@@ -86,6 +86,18 @@ def test_worker_count_gives_same_batches(tmp_path, loader):
     assert all(torch.equal(a, b) for a, b in zip(zero, two))
 
 
+def test_tensor_views_can_stop_early(tmp_path):
+    """A consumer that stops after the first batch (an error, an interrupt) does not leave threads waiting."""
+    data = ImageFolderDataset(make_image_folder(tmp_path, 3, 4, 32) / "train")
+    paths = [p for p, _ in data.samples]
+    source = views.build_source("tensor", paths, views.image_sizes(paths), 32, 0)
+    plan = plan_for()
+    specs = [fkd.job_spec(plan, fkd.make_job(plan, b)) for b in range(plan.num_batches)]
+    stream = views.iterate_views(source, specs, 1, torch.device("cpu"))
+    assert next(stream).shape == (5, 3, 32, 32)
+    stream.close()
+
+
 def pixel_difference(pil: list[torch.Tensor], tensor: list[torch.Tensor]) -> tuple[float, float]:
     """Max and mean |difference| of normalised views, in pixel units of 0..1."""
     std = torch.tensor(IMAGENET_STD)[:, None, None]
