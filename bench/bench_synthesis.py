@@ -115,9 +115,8 @@ def to_8bit(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
 
-def unet_alone(pipe, batch: int, guidance: bool, device: torch.device, repeats: int = 5) -> float:
+def unet_alone(pipe, batch: int, side: int, guidance: bool, device: torch.device, repeats: int = 5) -> float:
     """UNet forward passes per second at the batched mode's size, on random latents and embeddings."""
-    side = pipe.unet.config.sample_size
     samples = batch * (2 if guidance else 1)
     dtype = pipe.unet.dtype
     latents = torch.randn(samples, 4, side, side, device=device, dtype=dtype).contiguous(
@@ -159,7 +158,7 @@ def main() -> None:
         reset_peaks(device)
         images, t_batched = timed(lambda: batched(pipe, args, protos, prompts, jobs), device)
         device_gb = peak_device_gb(device)
-        alone = unet_alone(pipe, args.batch_size, guidance, device)
+        alone = unet_alone(pipe, args.batch_size, side, guidance, device)
     rate_o, rate_b = originals / t_original, len(jobs) / t_batched
     compiled = ("yes" if not note else f"no ({note})") if args.compile else "no"
     diff = float(np.abs(images[:originals] - reference).max())
