@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -146,14 +148,70 @@ def _find_idx(root: Path, stem: str) -> Path:
     raise UsageError(f"Fashion-MNIST file {stem}(.gz) not found under {root}; run setup.sh or pass --data_dir")
 
 
-def _cifar(dataset: str, root: str, train: bool, transform):
-    import torchvision
+@dataclass(frozen=True)
+class CifarLayout:
+    """Where torchvision's python version of a CIFAR set keeps its pickles, and the keys inside them."""
 
-    cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    names_key: str
+    labels_key: str
+
+    def describe(self) -> str:
+        return f"{self.folder}/ with {', '.join(self.train_files + self.test_files)} and {self.meta_file}"
+
+
+CIFAR_LAYOUTS = {
+    "cifar10": CifarLayout("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                           "batches.meta", "label_names", "labels"),
+    "cifar100": CifarLayout("cifar-100-python", ("train",), ("test",), "meta", "fine_label_names", "fine_labels"),
+}
+
+
+def _read_cifar_pickle(path: Path, dataset: str, root: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"{dataset} file {path} not found; expected {root}/{CIFAR_LAYOUTS[dataset].describe()} "
+                         "(the python version that torchvision downloads)")
     try:
-        return cls(root, train=train, transform=transform, download=False)
-    except RuntimeError as err:
-        raise UsageError(f"{dataset} not found under {root} (torchvision layout expected): {err}") from err
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise UsageError(f"cannot read {dataset} file {path}: {err}") from err
+
+
+class Cifar(Dataset):
+    """CIFAR-10 or CIFAR-100 from the pickles of torchvision's layout, without checking their md5 sums.
+
+    `.data` is uint8 [N, 32, 32, 3], `.targets` the labels (fine labels for CIFAR-100), `.classes` the label
+    names of the meta file; items are (PIL RGB image, label), the image passed through `transform` if given."""
+
+    def __init__(self, dataset: str, root: str | Path, train: bool, transform: Optional[Callable] = None):
+        layout = CIFAR_LAYOUTS[dataset]
+        root = Path(root)
+        batches = [_read_cifar_pickle(root / layout.folder / name, dataset, root)
+                   for name in (layout.train_files if train else layout.test_files)]
+        meta = _read_cifar_pickle(root / layout.folder / layout.meta_file, dataset, root)
+        try:
+            images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+            self.targets = [int(label) for b in batches for label in b[layout.labels_key]]
+            self.classes = [str(name) for name in meta[layout.names_key]]
+        except KeyError as err:
+            raise UsageError(f"{dataset} files under {root / layout.folder} lack the key {err}; "
+                             f"expected torchvision's python version of {dataset}") from err
+        if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or len(images) != len(self.targets):
+            raise UsageError(f"{dataset} files under {root / layout.folder} hold images of shape {images.shape} and "
+                             f"{len(self.targets)} labels; expected [N, 3072] and N labels")
+        self.data = np.ascontiguousarray(images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index])
+        return (self.transform(img) if self.transform else img), self.targets[index]
 
 
 def train_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = None) -> Dataset:
@@ -161,7 +219,7 @@ def train_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = N
     if not data_dir or not Path(data_dir).is_dir():
         raise UsageError(f"data folder {data_dir!r} does not exist; pass --data_dir")
     if dataset in ("cifar10", "cifar100"):
-        return _cifar(dataset, data_dir, True, transform)
+        return Cifar(dataset, data_dir, train=True, transform=transform)
     if dataset == "fashion_mnist":
         return FashionMNIST(data_dir, train=True, transform=transform)
     if dataset in ("imagenet", "tiny_imagenet", "imagefolder"):
@@ -174,7 +232,7 @@ def val_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = Non
     if not data_dir or not Path(data_dir).is_dir():
         raise UsageError(f"data folder {data_dir!r} does not exist; pass the dataset's folder")
     if dataset in ("cifar10", "cifar100"):
-        return _cifar(dataset, data_dir, False, transform)
+        return Cifar(dataset, data_dir, train=False, transform=transform)
     if dataset == "fashion_mnist":
         return FashionMNIST(data_dir, train=False, transform=transform)
     val = Path(data_dir) / "val"

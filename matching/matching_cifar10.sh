@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# Training-time matching (soft labels) for CIFAR10 IPC 10 (ConvNet teacher from matching/train_teacher.py).
-# Runs from any folder; NPROC=8 runs it under torchrun with 8 processes; extra flags are passed through.
+# Stage 3 for CIFAR-10: training-time matching, soft labels of a ConvNet teacher for
+# every augmented view of the images of gen_syn_image_cifar10.sh (300 epochs, batch 1024, CutMix);
+# writes $OUT_DIR/fkd/cifar10_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/. Resumes an interrupted run.
+# Environment, shared by the four CIFAR-10 launchers (same names, same defaults); this one reads:
+#   TEACHER   teacher file of matching/train_teacher.py (default models/cifar10/teacher_convnet.pt)
+#   IPC       images per class; give all four stages the same value (default 10)
+#   OUT_DIR   stage outputs: $OUT_DIR/prototypes, syn, fkd and student (default outputs)
+#   NPROC     run under torchrun with that many processes (default: one process)
+#   PYTHON    the interpreter (default .venv/bin/python if present, else python)
+# Relative paths are taken from the repository root; the launcher runs from any folder.
+# Extra flags are passed through last, so they override the ones below (e.g. --soft-label-topk 50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-IPC=${IPC:-10}  # images per class; the same value must reach all four stages
-PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
+TEACHER=${TEACHER:-models/cifar10/teacher_convnet.pt}
+IPC=${IPC:-10}
+OUT_DIR=${OUT_DIR:-outputs}
+[[ $IPC =~ ^[1-9][0-9]*$ ]] || { echo "error: IPC must be a positive integer, got '$IPC'" >&2; exit 2; }
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 RUN=("$PY")
-if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
+if [ -n "${NPROC:-}" ]; then
+    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
+    RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC")
+fi
 NAME=cifar10_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
 "${RUN[@]}" matching/generate_soft_label.py \
-    --data "outputs/syn/$NAME" \
-    --fkd-path "outputs/fkd/$NAME" \
-    --teacher-path models/cifar10/teacher_convnet.pt \
+    --data "$OUT_DIR/syn/$NAME" \
+    --fkd-path "$OUT_DIR/fkd/$NAME" \
+    --teacher-path "$TEACHER" \
     -b 1024 \
     --epochs 300 \
     --input-size 32 \

@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# Student training on the stored soft labels and validation on the real set, for ImageNet-1K IPC 10 (the paper's settings).
-# Runs from any folder; NPROC=8 runs it under torchrun with 8 processes; extra flags are passed through.
+# Stage 4 for ImageNet-1K: a resnet18 student trained from scratch on the images and soft labels
+# of stages 2 and 3 (300 epochs, cosine, T 20, AdamW lr 1e-3 wd 0.01), validated on the real
+# validation split of DATA_DIR; writes $OUT_DIR/student/imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/.
+# Environment, shared by the four ImageNet-1K launchers (same names, same defaults); this one reads:
+#   DATA_DIR  the dataset's folder (default data/imagenet)
+#   IPC       images per class; give all four stages the same value (default 10)
+#   OUT_DIR   stage outputs: $OUT_DIR/prototypes, syn, fkd and student (default outputs)
+#   NPROC     run under torchrun with that many processes (default: one process)
+#   PYTHON    the interpreter (default .venv/bin/python if present, else python)
+# Relative paths are taken from the repository root; the launcher runs from any folder.
+# Extra flags are passed through last, so they override the ones below (e.g. --eval-interval 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-IPC=${IPC:-10}  # images per class; the same value must reach all four stages
-PY="${PYTHON:-.venv/bin/python}"; [ -x "$PY" ] || PY=python
+DATA_DIR=${DATA_DIR:-data/imagenet}
+IPC=${IPC:-10}
+OUT_DIR=${OUT_DIR:-outputs}
+[[ $IPC =~ ^[1-9][0-9]*$ ]] || { echo "error: IPC must be a positive integer, got '$IPC'" >&2; exit 2; }
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 RUN=("$PY")
-if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
+if [ -n "${NPROC:-}" ]; then
+    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
+    RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC")
+fi
 NAME=imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
 "${RUN[@]}" validate/train_FKD.py \
-    --train-dir "outputs/syn/$NAME" \
-    --fkd-path "outputs/fkd/$NAME" \
-    --output-dir "outputs/student/$NAME" \
-    --val-dir data/imagenet/val \
+    --train-dir "$OUT_DIR/syn/$NAME" \
+    --fkd-path "$OUT_DIR/fkd/$NAME" \
+    --output-dir "$OUT_DIR/student/$NAME" \
+    --dataset imagenet --data-dir "$DATA_DIR" \
     --model resnet18 \
     --batch-size 1024 \
     --epochs 300 \

@@ -1,0 +1,53 @@
+"""The CIFAR reader of d4m.data: torchvision's python pickles, read without their md5 check."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d4m.data import train_dataset, val_dataset
+from d4m.runtime import UsageError
+from dataset_files import class_images, write_cifar10, write_cifar100
+
+
+def test_cifar10_reads_every_training_batch(tmp_path):
+    write_cifar10(tmp_path, per_class=3, test_per_class=2)
+    data = train_dataset("cifar10", str(tmp_path))
+    images, labels = class_images(10, 3, 32, seed=0)
+    # the writer deals the images round-robin over data_batch_1..5; the reader concatenates the batches in order
+    assert data.data.dtype == np.uint8 and data.data.shape == (30, 32, 32, 3)
+    np.testing.assert_array_equal(data.data, np.concatenate([images[b::5] for b in range(5)]))
+    assert data.targets == np.concatenate([labels[b::5] for b in range(5)]).tolist()
+    assert data.classes == [f"class {c}" for c in range(10)]
+    image, label = data[7]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
+    np.testing.assert_array_equal(np.asarray(image), data.data[7])
+    assert label == data.targets[7]
+
+
+def test_cifar10_test_split_and_transform(tmp_path):
+    write_cifar10(tmp_path, per_class=1, test_per_class=2)
+    data = val_dataset("cifar10", str(tmp_path), transform=lambda img: np.asarray(img).mean())
+    images, labels = class_images(10, 2, 32, seed=1)
+    assert len(data) == 20 and data.targets == labels.tolist()
+    assert data[3] == (pytest.approx(images[3].mean()), labels[3])
+
+
+def test_cifar100_uses_fine_labels_and_names(tmp_path):
+    write_cifar100(tmp_path, per_class=2, test_per_class=1)
+    train = train_dataset("cifar100", str(tmp_path))
+    images, labels = class_images(100, 2, 32, seed=0)
+    np.testing.assert_array_equal(train.data, images)
+    assert train.targets == labels.tolist()
+    assert train.classes == [f"fine {c}" for c in range(100)]
+    test = val_dataset("cifar100", str(tmp_path))
+    assert len(test) == 100 and test.data.shape == (100, 32, 32, 3)
+
+
+def test_missing_cifar_file_names_the_file_and_the_layout(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(UsageError, match=r"data_batch_3 not found; expected .*cifar-10-batches-py/ with data_batch_1"):
+        train_dataset("cifar10", str(tmp_path))
+    with pytest.raises(UsageError, match=r"cifar-100-python/train not found; expected .*cifar-100-python/ with train, test and meta"):
+        train_dataset("cifar100", str(tmp_path))

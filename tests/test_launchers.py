@@ -1,0 +1,295 @@
+"""The shell launchers: each dataset's four stages chained as a user runs them, on a tiny copy of the dataset in its
+real on-disk format under a DATA_DIR of the test's own and with every output under an OUT_DIR in tmp; and the
+command lines the launchers and run_all.sh build from the environment (read with a recording interpreter)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from conftest import REPO
+from d4m.models import build_model, save_teacher
+from dataset_files import write_cifar10, write_cifar100, write_fashion_mnist, write_imagenet, write_tiny_imagenet
+
+SIZE = 16  # the side of the tiny data's images, of the synthetic images and of the views the teacher and student see
+ENCODE_SIZE = 8  # stage 1 encodes images at this side (4 x 4 latents with the tiny model): stage 2 is then 3x faster
+EPOCHS = 2
+HUB_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+LAUNCHER_VARIABLES = ("DATA_DIR", "OUT_DIR", "SD_MODEL", "TEACHER", "IPC", "NPROC", "PYTHON")
+
+
+@dataclass(frozen=True)
+class Chain:
+    dataset: str
+    launchers: tuple[str, str, str, str]
+    classes: int
+    batch: int  # matching and training batch size
+    write_data: Callable[[Path], Path]
+    data_default: str
+    sd_default: str
+    teacher_default: str | None  # None: torchvision's ImageNet ResNet-18
+
+    @property
+    def name(self) -> str:
+        """The folder name that stages 2 to 4 share at IPC 1."""
+        return f"{self.dataset}_ipc1_1_s0.7_g8.0_kmexpand1"
+
+
+def small_launchers(dataset: str) -> tuple[str, str, str, str]:
+    return (f"distillation/gen_prototype_{dataset}.sh", f"distillation/gen_syn_image_{dataset}.sh",
+            f"matching/matching_{dataset}.sh", f"validate/train_FKD_{dataset}.sh")
+
+
+CHAINS = [
+    Chain("imagenet", ("distillation/gen_prototype_imgnt.sh", "distillation/gen_syn_image_imgnt.sh",
+                       "matching/matching.sh", "validate/train_FKD.sh"),
+          1000, 500, write_imagenet, "data/imagenet", HUB_SD, None),
+    Chain("tiny_imagenet", small_launchers("tiny_imagenet"), 200, 100, write_tiny_imagenet, "data/tiny-imagenet-200",
+          HUB_SD, "models/tiny_imagenet/teacher_resnet18_modified.pt"),
+    Chain("cifar10", small_launchers("cifar10"), 10, 5, write_cifar10, "data/cifar10", HUB_SD,
+          "models/cifar10/teacher_convnet.pt"),
+    Chain("cifar100", small_launchers("cifar100"), 100, 50, write_cifar100, "data/cifar100", HUB_SD,
+          "models/cifar100/teacher_convnet.pt"),
+    Chain("fashion_mnist", small_launchers("fashion_mnist"), 10, 5, write_fashion_mnist, "data/fashion_mnist",
+          "models/fashion_mnist/ldm", "models/fashion_mnist/teacher_convnet.pt"),
+]
+BY_NAME = {chain.dataset: chain for chain in CHAINS}
+
+
+def stage_flags(chain: Chain) -> list[list[str | int]]:
+    """Extra flags that keep each stage small: tiny images, two denoising steps, two epochs, CPU."""
+    return [
+        ["--size", ENCODE_SIZE, "--batch_size", 64, "--num_workers", 0, "--device", "cpu"],
+        ["--image_size", SIZE, "--num_inference_steps", 2, "--batch_size", 250, "--device", "cpu"],
+        ["--epochs", EPOCHS, "-b", chain.batch, "--input-size", SIZE, "-j", 0, "--device", "cpu"],
+        ["--epochs", EPOCHS, "--batch-size", chain.batch, "--input-size", SIZE, "--model", "convnet", "-j", 0,
+         "--device", "cpu"],
+    ]
+
+
+def launcher_env(**variables: str | Path) -> dict[str, str]:
+    """This process's environment without any launcher variable, plus `variables`, on one CPU thread."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update({k: str(v) for k, v in variables.items()})
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return env
+
+
+def run_bash(script: str, env: dict[str, str], cwd: Path, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / script), *map(str, flags)], env=env, cwd=cwd, capture_output=True,
+                          text=True)
+
+
+def prepare_chain(chain: Chain, root: Path, sd_model: Path) -> dict[str, str]:
+    """Write the chain's data and a tiny teacher under `root`; returns the launchers' environment."""
+    data = chain.write_data(root / "data")
+    torch.manual_seed(0)
+    teacher = root / "teacher.pt"
+    save_teacher(teacher, build_model("convnet", chain.classes, SIZE), "convnet", chain.classes, SIZE)
+    return launcher_env(DATA_DIR=data, OUT_DIR=root / "out", SD_MODEL=sd_model, TEACHER=teacher, IPC=1,
+                        PYTHON=sys.executable)
+
+
+def run_chain(chain: Chain, env: dict[str, str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """The chain's four launchers in order, run from `cwd` (not the repository); stops at the first that fails."""
+    runs = []
+    for script, flags in zip(chain.launchers, stage_flags(chain)):
+        runs.append(run_bash(script, env, cwd, *flags))
+        if runs[-1].returncode != 0:
+            break
+    return runs
+
+
+def outputs_snapshot() -> dict[str, int] | None:
+    """Every file under the repository's own outputs/ with its modification time (None: no such folder)."""
+    root = REPO / "outputs"
+    if not root.exists():
+        return None
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def chain_runs(tiny_sd, tmp_path_factory) -> dict:
+    """All five chains, run side by side on the machine's cores (each process on one thread); their start-up
+    (importing torch and diffusers four times per chain) is most of their time."""
+    before = outputs_snapshot()
+    roots = {chain.dataset: tmp_path_factory.mktemp(chain.dataset) for chain in CHAINS}
+    envs = {chain.dataset: prepare_chain(chain, roots[chain.dataset], tiny_sd) for chain in CHAINS}
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        futures = {c.dataset: pool.submit(run_chain, c, envs[c.dataset], roots[c.dataset]) for c in CHAINS}
+        runs = {dataset: future.result() for dataset, future in futures.items()}
+    return {"roots": roots, "runs": runs, "outputs_before": before, "outputs_after": outputs_snapshot()}
+
+
+@pytest.mark.parametrize("dataset", list(BY_NAME))
+def test_chain_writes_every_stage_under_out_dir(chain_runs, dataset):
+    chain = BY_NAME[dataset]
+    runs = chain_runs["runs"][dataset]
+    for script, run in zip(chain.launchers, runs):
+        assert run.returncode == 0, f"{script} failed with status {run.returncode}:\n{run.stderr[-3000:]}"
+    assert len(runs) == 4
+    out = chain_runs["roots"][dataset] / "out"
+
+    with safe_open(str(out / "prototypes" / f"{dataset}-ipc1-kmexpand1.safetensors"), "pt") as f:
+        assert f.get_tensor("prototypes").shape[:2] == (chain.classes, 1)
+
+    syn = out / "syn" / chain.name
+    assert len([p for p in syn.iterdir() if p.is_dir()]) == chain.classes
+    images = sorted(syn.glob("*/*.png"))
+    assert len(images) == chain.classes
+    with Image.open(images[0]) as image:
+        assert image.size == (SIZE, SIZE)
+
+    store = out / "fkd" / chain.name
+    assert sorted(p.name for p in store.glob("epoch_*.safetensors")) == [f"epoch_{e:04d}.safetensors" for e in range(EPOCHS)]
+    assert json.loads((store / "meta.json").read_text())["num_images"] == chain.classes
+
+    student = out / "student" / chain.name
+    result = json.loads((student / "results.json").read_text())
+    assert result["epochs"] == EPOCHS and result["model"] == "convnet"
+    assert (student / "model_best.pth.tar").is_file()
+    assert "final: top-1" in runs[3].stdout
+
+
+def test_chains_leave_the_repository_outputs_alone(chain_runs):
+    assert chain_runs["outputs_after"] == chain_runs["outputs_before"]
+
+
+# ---- the command lines, read with an interpreter that records its arguments instead of running them ----
+
+RECORDER = """#!/usr/bin/env bash
+printf '%s\\x1f' "$@" >> "$ARGV_LOG"
+printf '\\n' >> "$ARGV_LOG"
+"""
+
+
+@pytest.fixture
+def recorder(tmp_path) -> tuple[Path, Path]:
+    """(an executable that appends its argv to a log, the log)."""
+    path = tmp_path / "record-argv"
+    path.write_text(RECORDER)
+    path.chmod(0o755)
+    return path, tmp_path / "argv.log"
+
+
+def recorded(log: Path) -> list[list[str]]:
+    return [line.split("\x1f")[:-1] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def flag(argv: list[str], name: str) -> str:
+    """The value argparse keeps for `name`: that of its last occurrence."""
+    positions = [i for i, arg in enumerate(argv) if arg == name]
+    assert positions, f"{name} missing from {argv}"
+    return argv[positions[-1] + 1]
+
+
+def commands(chain: Chain, recorder: tuple[Path, Path], tmp_path: Path, *extra: str, **variables) -> list[list[str]]:
+    """The argv each of the chain's launchers hands to the interpreter under `variables`."""
+    python, log = recorder
+    env = launcher_env(PYTHON=python, ARGV_LOG=log, **variables)
+    for script in chain.launchers:
+        run = run_bash(script, env, tmp_path, *extra)
+        assert run.returncode == 0, run.stderr
+    return recorded(log)
+
+
+@pytest.mark.parametrize("dataset", list(BY_NAME))
+def test_launcher_defaults(dataset, recorder, tmp_path):
+    chain = BY_NAME[dataset]
+    prototypes, synthesis, matching, training = commands(chain, recorder, tmp_path)
+    name = f"{dataset}_ipc10_10_s0.7_g8.0_kmexpand1"
+    assert prototypes[0] == "distillation/gen_prototype.py"
+    assert flag(prototypes, "--data_dir") == chain.data_default
+    assert flag(prototypes, "--diffusion_checkpoints_path") == chain.sd_default
+    assert flag(prototypes, "--ipc") == "10"
+    assert flag(prototypes, "--save_prototype_path") == "outputs/prototypes"
+    assert flag(synthesis, "--prototype_path") == f"outputs/prototypes/{dataset}-ipc10-kmexpand1.safetensors"
+    assert flag(synthesis, "--save_init_image_path") == "outputs/syn"
+    assert flag(synthesis, "--diffusion_checkpoints_path") == chain.sd_default
+    assert (flag(matching, "--data"), flag(matching, "--fkd-path")) == (f"outputs/syn/{name}", f"outputs/fkd/{name}")
+    if chain.teacher_default is None:
+        assert flag(matching, "-a") == "resnet18" and "--teacher-path" not in matching
+    else:
+        assert flag(matching, "--teacher-path") == chain.teacher_default
+    assert flag(training, "--train-dir") == f"outputs/syn/{name}"
+    assert flag(training, "--fkd-path") == f"outputs/fkd/{name}"
+    assert flag(training, "--output-dir") == f"outputs/student/{name}"
+    assert (flag(training, "--dataset"), flag(training, "--data-dir")) == (dataset, chain.data_default)
+    assert "--val-dir" not in training
+
+
+@pytest.mark.parametrize("dataset", list(BY_NAME))
+def test_launchers_read_the_environment_and_pass_extra_flags_last(dataset, recorder, tmp_path):
+    chain = BY_NAME[dataset]
+    argvs = commands(chain, recorder, tmp_path, "--seed", "7", DATA_DIR="/d", OUT_DIR="/o", SD_MODEL="/sd",
+                     TEACHER="/t.pt", IPC=3, NPROC=2)
+    for argv in argvs:
+        assert argv[:4] == ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        assert argv[-2:] == ["--seed", "7"]
+    prototypes, synthesis, matching, training = argvs
+    name = f"{dataset}_ipc3_3_s0.7_g8.0_kmexpand1"
+    assert (flag(prototypes, "--data_dir"), flag(prototypes, "--ipc")) == ("/d", "3")
+    assert flag(prototypes, "--save_prototype_path") == "/o/prototypes"
+    assert flag(prototypes, "--diffusion_checkpoints_path") == flag(synthesis, "--diffusion_checkpoints_path") == "/sd"
+    assert flag(synthesis, "--prototype_path") == f"/o/prototypes/{dataset}-ipc3-kmexpand1.safetensors"
+    assert (flag(matching, "--data"), flag(matching, "--teacher-path")) == (f"/o/syn/{name}", "/t.pt")
+    assert (flag(training, "--data-dir"), flag(training, "--output-dir")) == ("/d", f"/o/student/{name}")
+
+
+@pytest.mark.parametrize("variable, value", [("IPC", "ten"), ("IPC", "0"), ("NPROC", "two")])
+def test_bad_variable_is_one_line_and_status_2(variable, value, recorder, tmp_path):
+    python, log = recorder
+    for script in BY_NAME["cifar10"].launchers:
+        run = run_bash(script, launcher_env(PYTHON=python, ARGV_LOG=log, **{variable: value}), tmp_path)
+        assert run.returncode == 2
+        assert run.stderr == f"error: {variable} must be a positive integer, got '{value}'\n"
+    assert recorded(log) == []
+
+
+def test_run_all_passes_the_environment_to_a_dataset_chain(recorder, tmp_path):
+    python, log = recorder
+    run = run_bash("run_all.sh", launcher_env(PYTHON=python, ARGV_LOG=log, DATA_DIR="/d", OUT_DIR="/o", IPC=2),
+                   tmp_path, "cifar100")
+    assert run.returncode == 0, run.stderr
+    argvs = recorded(log)
+    assert [argv[0] for argv in argvs] == ["distillation/gen_prototype.py", "distillation/gen_syn_image.py",
+                                           "matching/generate_soft_label.py", "validate/train_FKD.py"]
+    assert flag(argvs[0], "--data_dir") == flag(argvs[3], "--data-dir") == "/d"
+    assert flag(argvs[3], "--output-dir") == "/o/student/cifar100_ipc2_2_s0.7_g8.0_kmexpand1"
+
+
+def test_run_all_fashion_mnist_writes_only_under_out_dir(recorder, tmp_path):
+    python, log = recorder
+    env = launcher_env(PYTHON=python, ARGV_LOG=log, DATA_DIR="/d", OUT_DIR="/o", SD_MODEL="/sd", TEACHER="/t.pt")
+    run = run_bash("run_all.sh", env, tmp_path)
+    # the recording interpreter writes no results, so the chain runs through to the report
+    assert run.returncode == 0, run.stderr
+    argvs = recorded(log)
+    assert [argv[0] for argv in argvs] == [
+        "distillation/gen_prototype.py", "distillation/gen_syn_image.py", "distillation/sample_real.py",
+        "matching/generate_soft_label.py", "matching/generate_soft_label.py", "validate/train_FKD.py",
+        "validate/train_FKD.py", "validate/report.py"]
+    report = argvs[-1]
+    assert flag(report, "--data-dir") == "/d" and flag(report, "--teacher-path") == "/t.pt"
+    assert flag(report, "--diffusion_checkpoints_path") == "/sd"
+    assert (flag(report, "--output-json"), flag(report, "--figure")) == ("/o/results_fashion_mnist.json",
+                                                                          "/o/fashion_mnist_d4m.png")
+    paths = [value for argv in argvs for value in argv if "/" in value and not value.endswith(".py")]
+    assert all(p.startswith(("/d", "/o", "/sd", "/t.pt", "distillation/label-prompt/")) for p in paths), paths
+
+
+def test_run_all_unknown_dataset(tmp_path):
+    run = run_bash("run_all.sh", launcher_env(), tmp_path, "mnist")
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: unknown dataset 'mnist'") and run.stderr.count("\n") == 1
