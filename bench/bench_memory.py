@@ -93,7 +93,8 @@ def fkd_at(ipc: int, args: argparse.Namespace) -> dict:
         for piece, target in zip(x.chunk(2), soft.rows(start, end, device).chunk(2)):
             with autocast(device, amp_dtype("auto", device)):
                 out = student(piece.contiguous(memory_format=layout))
-            (F.kl_div(F.log_softmax(out.float() / 20, 1), F.softmax(target / 20, 1), reduction="sum") / len(x)).backward()
+            loss = F.kl_div(F.log_softmax(out.float() / 20, 1), F.softmax(target / 20, 1), reduction="sum")
+            (loss / len(x)).backward()
         optimizer.step()
     return {"images": count, "cache_gb": images.data.nbytes / 1e9, "soft_labels_gb": count * CLASSES * 2 / 1e9,
             "peak_host_gb": peak_host_gb(), "peak_device_gb": peak_device_gb(device), "batches": len(logits),

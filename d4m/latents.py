@@ -63,8 +63,8 @@ def class_batches(members: list[list[int]], classes: list[int], seed: int, batch
     return batches
 
 
-def encoded_classes(encode: Callable[[torch.Tensor, list], torch.Tensor], loader: DataLoader, labels: dict[int, int], seed: int, device: torch.device,
-                    bar: tqdm) -> Iterator[tuple[int, torch.Tensor]]:
+def encoded_classes(encode: Callable[[torch.Tensor, list], torch.Tensor], loader: DataLoader, labels: dict[int, int],
+                    seed: int, device: torch.device, bar: tqdm) -> Iterator[tuple[int, torch.Tensor]]:
     """(class, all its latents [n, 4, h, w] on the CPU in encoding order), each as soon as the class's last batch
     is encoded (the loader's batches come class after class); the device is waited for once per class."""
     pending: list[torch.Tensor] = []

@@ -103,8 +103,8 @@ class _Decode(Dataset):
 class HostImages:
     """Every image of a set in one flat uint8 buffer, each image [h,w,3] at its own size."""
 
-    def __init__(self, data: np.ndarray, sizes: np.ndarray, shared_by: int = 1):
-        self.data, self.sizes, self.shared_by = data, sizes, shared_by
+    def __init__(self, data: np.ndarray, sizes: np.ndarray):
+        self.data, self.sizes = data, sizes
         lengths = sizes[:, 0] * sizes[:, 1] * 3
         self.offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
@@ -131,7 +131,9 @@ def cache_sharing(sizes: np.ndarray) -> int:
     """How many processes will share the host cache: the processes of this machine under torchrun when every
     machine has room in /dev/shm for it, else 1 (each decodes its own). A collective under torchrun."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return local_world if local_world > 1 and dist.is_initialized() and _everyone(_shm_room(HostImages.nbytes_of(sizes))) else 1
+    if local_world > 1 and dist.is_initialized() and _everyone(_shm_room(HostImages.nbytes_of(sizes))):
+        return local_world
+    return 1
 
 
 def describe_cache(sizes: np.ndarray, shared_by: int) -> str:
@@ -142,7 +144,7 @@ def describe_cache(sizes: np.ndarray, shared_by: int) -> str:
 def load_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int, rank: int, shared_by: int) -> HostImages:
     """Decode the set once into host memory, shared through /dev/shm by `shared_by` local processes."""
     if shared_by > 1:
-        return _shared_host_images(paths, sizes, workers, shared_by)
+        return _shared_host_images(paths, sizes, workers)
     images = HostImages(np.empty(HostImages.nbytes_of(sizes), np.uint8), sizes)
     images.fill(paths, workers, show=rank == 0)
     return images
@@ -162,7 +164,7 @@ def _everyone(flag: bool) -> bool:
     return all(flags)
 
 
-def _shared_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int, local_world: int) -> HostImages:
+def _shared_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int) -> HostImages:
     """Local rank 0 decodes into a /dev/shm file, the others map it, and the name is unlinked once all have
     it mapped (the memory lives on until the last process exits)."""
     run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "0")
@@ -185,7 +187,7 @@ def _shared_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int, l
     error = first_error(error, dist.get_world_size())
     if error:
         raise UsageError(error)
-    images = HostImages(np.memmap(name, np.uint8, "r", shape=(total,)), sizes, shared_by=local_world)
+    images = HostImages(np.memmap(name, np.uint8, "r", shape=(total,)), sizes)
     barrier()
     if first:
         name.unlink()

@@ -124,7 +124,9 @@ def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: l
             done = [f for f in pending if f.done()]
             for future in done:
                 future.result()  # a failed write stops the run here
-            pending = [f for f in pending if f not in done] + [writers.submit(save_image, image, path, args.image_size) for image, (_, _, path) in zip(images, batch)]
+            pending = [f for f in pending if f not in done]
+            pending += [writers.submit(save_image, image, path, args.image_size)
+                        for image, (_, _, path) in zip(images, batch)]
             bar.update(len(batch))
         for future in pending:
             future.result()

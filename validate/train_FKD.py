@@ -163,7 +163,8 @@ def train_epoch(args, model: nn.Module, optimizer, scaler, source, meta: dict, e
     model.train()
     losses = torch.zeros(plan.num_batches, device=device)
     batches = fkd.replay_batches(plan, jobs, source, args.workers, device, meta["mean"], meta["std"], meta["mix_type"])
-    for (job, x), mine in zip(tqdm(batches, total=len(jobs), disable=rank != 0, leave=False, desc=f"epoch {epoch}"), my_pieces):
+    bar = tqdm(batches, total=len(jobs), disable=rank != 0, leave=False, desc=f"epoch {epoch}")
+    for (job, x), mine in zip(bar, my_pieces):
         start, end = plan.bounds(job.batch)
         first, last = mine[0][0], mine[-1][1]
         x = x.contiguous(memory_format=memory_format(device))
