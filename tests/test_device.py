@@ -75,7 +75,7 @@ def test_each_stage_prints_its_device_line(tiny, tmp_path, capsys, no_cuda):
                                    "image cache 12 images, 0.00 GB of host memory")
     assert run_script(TRAIN, train_args(data, store, tmp_path / "out", "--epochs", 1, "--device", "cpu")) == 0
     out, err = capsys.readouterr()
-    assert out.splitlines()[0] == ("training: cpu (1 threads), float32, 1 process, student convnet, "
+    assert out.splitlines()[0] == ("training: cpu (1 threads), float32, 1 process, student convnet, protocol fkd, "
                                    "image cache 12 images, 0.00 GB of host memory")
     assert "warning" not in err
 

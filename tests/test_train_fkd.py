@@ -109,6 +109,8 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
         train_args(data, store, out, "--epochs", 1, "--resume"),
         train_args(data, store, out, "--epochs", 1, "--mix-type", "mixup"),
         train_args(data, nan_store(store, tmp_path), out, "--epochs", 1),
+        train_args(data, store, out, "--epochs", 1, "--protocol", "online"),
+        train_args(data, store, out, "--epochs", 1, "--seeds", 0),
     ]
     for args in cases:
         capsys.readouterr()
@@ -117,3 +119,95 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
                if "%|" not in line and line.replace("\x1b[A", "").strip()]  # tqdm bars are not messages
         assert len(err) == 1 and err[0].startswith("error: "), err
         assert not out.exists(), args
+
+
+def test_seeds_train_several_students_and_summarise_them(tiny, tmp_path, capsys):
+    data, store = tiny
+    out = tmp_path / "out"
+    assert run_script(TRAIN, train_args(data, store, out, "--epochs", 2, "--seeds", 3, "--seed", 5)) == 0
+    summary = json.loads((out / "results.json").read_text())
+    top1 = [run["top1"] for run in summary["runs"]]
+    assert [run["seed"] for run in summary["runs"]] == [5, 6, 7]
+    assert top1 == [json.loads((out / f"seed{s}" / "results.json").read_text())["top1"] for s in (5, 6, 7)]
+    assert summary["top1_mean"] == pytest.approx(sum(top1) / 3)
+    assert summary["top1_std"] == pytest.approx(torch.tensor(top1, dtype=torch.float64).std().item())
+    assert summary["ipc"] == 4 and summary["protocol"] == "fkd" and summary["model"] == "convnet"
+    assert (out / "seed6" / "checkpoint.pth.tar").is_file()
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"final over 3 seeds: top-1 {summary['top1_mean']:.2f} ± {summary['top1_std']:.2f}"
+
+
+def test_online_protocol_equals_training_on_a_float32_store(tmp_path):
+    """The teacher labelling each batch on the fly gives the logits matching stores, so on the CPU the student
+    ends with exactly the weights of the fkd protocol on a float32 store of the same plan."""
+    data, teacher = tiny_setup(tmp_path)
+    store = tmp_path / "store32"
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 2, "--mix-type", "cutmix")) == 0
+    common = ["--epochs", 2, "--cos", "-T", 20, "--gradient-accumulation-steps", 2, "--mix-type", "cutmix"]
+    assert run_script(TRAIN, train_args(data, store, tmp_path / "fkd", *common)) == 0
+    online = train_args(data, store, tmp_path / "online", *common, "--protocol", "online", "--teacher-path", teacher)
+    online.remove("--fkd-path")
+    online.remove(store)
+    assert run_script(TRAIN, online) == 0
+    a, b = weights(tmp_path / "fkd" / "checkpoint.pth.tar"), weights(tmp_path / "online" / "checkpoint.pth.tar")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "online" / "results.json").read_text())["protocol"] == "online"
+
+
+def test_online_protocol_under_torchrun_matches_one_process(tmp_path):
+    data, teacher = tiny_setup(tmp_path)
+    for nproc in (1, 2):
+        args = ["--train-dir", data / "train", "--val-dir", data / "val", "--output-dir", tmp_path / f"p{nproc}",
+                "--batch-size", 5, "--input-size", 32, "--model", "convnet", "-j", 0, "--epochs", 2, "--cos",
+                "-T", 20, "--gradient-accumulation-steps", 2, "--device", "cpu", "--protocol", "online",
+                "--teacher-path", teacher]
+        result = run_torchrun(TRAIN, args, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-2000:]
+    one, two = (weights(tmp_path / f"p{n}" / "checkpoint.pth.tar") for n in (1, 2))
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_hard_labels_are_the_mixed_one_hot_rows(tiny):
+    """Protocol hard's targets, against the mixing formula written out: a view's label weighted by the share of
+    the input it keeps, its partner's by the rest (CutMix: the pasted box's area; MixUp: lam)."""
+    import argparse
+
+    data, _ = tiny
+    from d4m import views
+    from d4m.data import ImageFolderDataset
+
+    folder = ImageFolderDataset(data / "train")
+    hw = views.image_sizes([p for p, _ in folder.samples])
+    module = load_script(TRAIN)
+    for mix in ("cutmix", "mixup"):
+        args = argparse.Namespace(teacher_path=None, fkd_seed=None, batch_size=5, input_size=32, mix_type=mix,
+                                  mixup=0.8, cutmix=1.0, min_scale_crops=0.08, max_scale_crops=1.0)
+        labels = module.HardLabels(args, folder, hw)
+        plan = labels.epoch(0, torch.device("cpu"))
+        for b in range(plan.num_batches):
+            start, end = plan.bounds(b)
+            job = fkd.make_job(plan, b)
+            target = labels.targets(plan, job, 0, end - start, None, torch.device("cpu"))
+            for row in range(end - start):
+                own = folder.targets[int(plan.order[start + row])]
+                partner = folder.targets[int(plan.order[start + int(plan.perm[start + row])])]
+                if mix == "cutmix":
+                    y1, x1, y2, x2 = plan.box[b].tolist()
+                    keep = 1 - (y2 - y1) * (x2 - x1) / 32 ** 2
+                else:
+                    keep = float(plan.lam[b])
+                expected = torch.zeros(3)
+                expected[own] += keep
+                expected[partner] += 1 - keep
+                torch.testing.assert_close(target[row], expected)
+
+
+def test_hard_protocol_needs_no_store(tiny, tmp_path):
+    data, _ = tiny
+    args = train_args(data, tmp_path / "unused", tmp_path / "out", "--epochs", 2, "--protocol", "hard")
+    i = args.index("--fkd-path")
+    del args[i:i + 2]
+    assert run_script(TRAIN, args) == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["protocol"] == "hard" and 0 <= result["top1"] <= 100

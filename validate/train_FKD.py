@@ -1,4 +1,11 @@
-"""Train a student from scratch on the synthetic set, replaying the stored FKD augmentations and soft labels.
+"""Train a student from scratch on the synthetic set and validate it on the real set, under one of three protocols:
+
+  fkd     (the original's): replay the augmentations and soft labels stored by matching/generate_soft_label.py;
+  online  (RDED's and Minimax's): draw the augmentations here and let a teacher label every batch as it is made;
+  hard    no teacher: cross-entropy on the folders' class labels, mixed as the images are (CutMix/MixUp).
+All three replay the same kind of plan (crop box, flip, mix per view, drawn per epoch from --fkd_seed), so they
+differ only in the targets. --seeds N trains N students (seeds seed .. seed+N-1) and summarises their final-epoch
+top-1 as mean and standard deviation.
 
 Data parallel under torchrun with DistributedDataParallel: the global batch is --batch-size; it is cut into
 max(A, world) contiguous pieces (A = --gradient-accumulation-steps), each process forwards its own pieces (one
@@ -31,12 +38,16 @@ from d4m import fkd, views
 from d4m.data import DATASETS, ImageFolderDataset, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
-from d4m.models import build_model
+from d4m.data import IMAGENET_MEAN, IMAGENET_STD
+from d4m.models import build_model, load_pretrained, load_teacher_file
 from d4m.runtime import UsageError, atomic_path, cli, init_distributed
+
+PROTOCOLS = ("fkd", "online", "hard")
+SCHEDULES = ("linear", "cosine", "half-cosine")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a student on FKD soft labels and validate on the real set.")
+    p = argparse.ArgumentParser(description="Train a student on the synthetic set and validate on the real set.")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--start-epoch", type=int, default=0)
@@ -47,7 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
     p.add_argument("--data-dir", default=None, help="the dataset's folder for its validation split")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--cos", action="store_true", help="cosine schedule (else linear)")
+    p.add_argument("--cos", action="store_true", help="cosine schedule (= --lr-schedule cosine)")
+    p.add_argument("--lr-schedule", default=None, choices=SCHEDULES,
+                   help="per-epoch factor: linear 1-e/E (default), cosine 0.5(1+cos(pi e/E)), half-cosine "
+                        "0.5(1+cos(pi e/2E)) (RDED's, which ends at half the rate)")
     p.add_argument("--sgd", action="store_true", help="SGD (else AdamW)")
     p.add_argument("-lr", "--learning-rate", type=float, default=1.024)
     p.add_argument("--momentum", type=float, default=0.875)
@@ -57,12 +71,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--keep-topk", type=int, default=1000)
     p.add_argument("-T", "--temperature", type=float, default=3.0)
-    p.add_argument("--fkd-path", required=True)
+    p.add_argument("--protocol", default="fkd", choices=PROTOCOLS,
+                   help="fkd: stored soft labels (needs --fkd-path); online: a teacher labels every batch (needs "
+                        "--teacher-path or --teacher-arch); hard: cross-entropy on the class labels")
+    p.add_argument("--fkd-path", default=None, help="the soft-label store (protocol fkd)")
+    p.add_argument("--teacher-path", default=None, help="teacher file of matching/train_teacher.py (protocol online)")
+    p.add_argument("--teacher-arch", default=None,
+                   help="a torchvision model with its default ImageNet weights as the teacher (protocol online)")
+    p.add_argument("--mixup", type=float, default=0.8, help="MixUp's Beta parameter (protocols online, hard)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="CutMix's Beta parameter (protocols online, hard)")
+    p.add_argument("--min-scale-crops", type=float, default=0.08, help="(protocols online, hard)")
+    p.add_argument("--max-scale-crops", type=float, default=1.0, help="(protocols online, hard)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="train this many students, seeds --seed .. --seed+N-1 (online and hard also shift --fkd_seed), "
+                        "each in OUTPUT_DIR/seed<k> when N > 1, and report mean and std of their final top-1")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     p.add_argument("--wandb-project", default="d4m")
     p.add_argument("--wandb-api-key", default=None)
-    p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES), help="default: the store's")
-    p.add_argument("--fkd_seed", type=int, default=None, help="default: the store's (42 in the launchers)")
+    p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES),
+                   help="default: the store's (fkd), else cutmix")
+    p.add_argument("--fkd_seed", type=int, default=None, help="default: the store's (fkd), else 42")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--eval-interval", type=int, default=50)
     p.add_argument("--resume", nargs="?", const="", default=None,
@@ -78,10 +106,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="under torchrun, BatchNorm statistics over the pieces of all processes (SyncBatchNorm, CUDA)")
     add_device_args(p)
     args = p.parse_args(argv)
-    if min(args.batch_size, args.epochs, args.gradient_accumulation_steps, args.eval_interval, args.keep_topk) < 1:
-        raise UsageError("--batch-size, --epochs, --gradient-accumulation-steps, --eval-interval and --keep-topk must be positive")
+    if min(args.batch_size, args.epochs, args.gradient_accumulation_steps, args.eval_interval, args.keep_topk,
+           args.seeds) < 1:
+        raise UsageError("--batch-size, --epochs, --gradient-accumulation-steps, --eval-interval, --keep-topk and "
+                         "--seeds must be positive")
     if args.temperature <= 0 or args.workers < 0 or args.start_epoch < 0:
         raise UsageError("--temperature must be positive and --workers, --start-epoch non-negative")
+    if args.protocol == "fkd" and not args.fkd_path:
+        raise UsageError("--protocol fkd needs --fkd-path (the store of matching/generate_soft_label.py)")
+    if args.protocol == "online" and not (args.teacher_path or args.teacher_arch):
+        raise UsageError("--protocol online needs --teacher-path or --teacher-arch")
+    if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1 or args.mixup <= 0 or args.cutmix <= 0:
+        raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1, and --mixup, --cutmix > 0")
+    args.lr_schedule = args.lr_schedule or ("cosine" if args.cos else "linear")
     return args
 
 
@@ -115,7 +152,7 @@ def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, devic
     else:
         data = val_dataset(args.dataset, args.data_dir, transform)
     if len(data.classes) > meta["num_classes"]:
-        raise UsageError(f"the validation set has {len(data.classes)} classes but the soft labels {meta['num_classes']}")
+        raise UsageError(f"the validation set has {len(data.classes)} classes but the student {meta['num_classes']}")
     return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=256, shuffle=False,
                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
@@ -130,9 +167,11 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.O
     return torch.optim.AdamW(groups, lr=args.adamw_lr)
 
 
-def lr_factor(cos: bool, epochs: int):
-    if cos:
+def lr_factor(schedule: str, epochs: int):
+    if schedule == "cosine":
         return lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs))
+    if schedule == "half-cosine":
+        return lambda e: 0.5 * (1 + math.cos(math.pi * e / (2 * epochs)))
     return lambda e: 1 - e / epochs
 
 
@@ -148,12 +187,115 @@ def kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> 
     return F.kl_div(F.log_softmax(student / temperature, 1), F.softmax(teacher / temperature, 1), reduction="sum")
 
 
-def train_epoch(args, model: nn.Module, optimizer, scaler, source, meta: dict, epoch: int, rank: int, world: int,
+def soft_cross_entropy_sum(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * F.log_softmax(student, 1)).sum()
+
+
+class StoredLabels:
+    """Protocol fkd: each epoch's plan and teacher logits as matching stored them."""
+
+    kind = "logits"
+
+    def __init__(self, args: argparse.Namespace, data: ImageFolderDataset):
+        self.meta = fkd.read_meta(args.fkd_path)
+        check_store(args, self.meta, data)
+        if not fkd.epoch_file(args.fkd_path, args.epochs - 1).is_file():
+            raise UsageError(f"the store {args.fkd_path} lacks epoch {args.epochs - 1}; finish matching first")
+        self.path, self.keep = args.fkd_path, args.keep_topk
+        self.plan_seed = self.meta["fkd_seed"]
+
+    def epoch(self, epoch: int, device: torch.device) -> fkd.EpochPlan:
+        plan, soft = fkd.read_epoch(self.path, epoch, self.meta)
+        self.soft = soft.pin() if device.type == "cuda" else soft
+        return plan
+
+    def targets(self, plan: fkd.EpochPlan, job: fkd.Job, first: int, last: int, x: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+        start = plan.bounds(job.batch)[0]
+        return fkd.keep_topk(self.soft.rows(start + first, start + last, device), self.keep)
+
+
+class DrawnPlans:
+    """Protocols online and hard: every epoch's plan drawn here, as matching draws it, from `plan_seed`."""
+
+    def __init__(self, args: argparse.Namespace, hw, meta: dict):
+        self.args, self.hw, self.meta = args, hw, meta
+        self.plan_seed = 42 if args.fkd_seed is None else args.fkd_seed
+
+    def epoch(self, epoch: int, device: torch.device) -> fkd.EpochPlan:
+        a = self.args
+        return fkd.draw_epoch(self.plan_seed, epoch, self.hw, a.batch_size, a.input_size, self.meta["mix_type"],
+                              a.mixup, a.cutmix, (a.min_scale_crops, a.max_scale_crops))
+
+
+class TeacherLabels(DrawnPlans):
+    """Protocol online: the teacher's logits for exactly the mixed views the student sees, batch by batch."""
+
+    kind = "logits"
+
+    def __init__(self, args: argparse.Namespace, data: ImageFolderDataset, hw, device: torch.device,
+                 amp: torch.dtype | None):
+        if args.teacher_path:
+            teacher, record = load_teacher_file(args.teacher_path)
+        else:
+            teacher, record = load_pretrained(args.teacher_arch)
+        if record["num_classes"] < len(data.classes):
+            raise UsageError(f"the teacher has {record['num_classes']} classes but {args.train_dir} has "
+                             f"{len(data.classes)}; use a teacher trained on this dataset")
+        super().__init__(args, hw, {"mean": record["mean"], "std": record["std"], "num_classes": record["num_classes"],
+                                    "mix_type": args.mix_type or "cutmix"})
+        self.teacher = teacher.to(device, memory_format=memory_format(device)).eval().requires_grad_(False)
+        self.device, self.amp = device, amp
+
+    @torch.no_grad()
+    def targets(self, plan, job, first, last, x, device) -> torch.Tensor:
+        with autocast(device, self.amp):
+            return self.teacher(x).float()
+
+
+class HardLabels(DrawnPlans):
+    """Protocol hard: each view's class label as a one-hot row, mixed with its partner's by the area (CutMix) or
+    weight (MixUp) of the mix."""
+
+    kind = "probabilities"
+
+    def __init__(self, args: argparse.Namespace, data: ImageFolderDataset, hw):
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if args.teacher_path:  # to normalise as the soft-label runs do
+            _, record = load_teacher_file(args.teacher_path)
+            mean, std = record["mean"], record["std"]
+        super().__init__(args, hw, {"mean": list(mean), "std": list(std), "num_classes": len(data.classes),
+                                    "mix_type": args.mix_type or "cutmix"})
+        self.labels = torch.tensor(data.targets)
+
+    def targets(self, plan, job, first, last, x, device) -> torch.Tensor:
+        start, end = plan.bounds(job.batch)
+        rows = torch.arange(first, last)
+        own = self.labels[plan.order[start + rows]]
+        partner = self.labels[plan.order[start + plan.perm[start:end][rows]]]
+        lam = float(plan.lam[job.batch])
+        if self.meta["mix_type"] == "cutmix":
+            y1, x1, y2, x2 = plan.box[job.batch].tolist()
+            lam = 1.0 - (y2 - y1) * (x2 - x1) / self.args.input_size ** 2
+        classes = self.meta["num_classes"]
+        target = lam * F.one_hot(own, classes).float() + (1.0 - lam) * F.one_hot(partner, classes).float()
+        return target.to(device, non_blocking=True)
+
+
+def build_labels(args: argparse.Namespace, data: ImageFolderDataset, hw, device: torch.device,
+                 amp: torch.dtype | None) -> StoredLabels | TeacherLabels | HardLabels:
+    if args.protocol == "fkd":
+        return StoredLabels(args, data)
+    if args.protocol == "online":
+        return TeacherLabels(args, data, hw, device, amp)
+    return HardLabels(args, data, hw)
+
+
+def train_epoch(args, model: nn.Module, optimizer, scaler, source, labels, epoch: int, rank: int, world: int,
                 device: torch.device, amp: torch.dtype | None) -> float:
     """One epoch of replayed batches; returns the mean batch loss. The device is waited for once, at the end."""
-    plan, soft = fkd.read_epoch(args.fkd_path, epoch, meta)
-    if device.type == "cuda":
-        soft = soft.pin()
+    plan = labels.epoch(epoch, device)
+    meta = labels.meta
     jobs, my_pieces = [], []
     for b in range(plan.num_batches):
         start, end = plan.bounds(b)
@@ -168,15 +310,17 @@ def train_epoch(args, model: nn.Module, optimizer, scaler, source, meta: dict, e
         start, end = plan.bounds(job.batch)
         first, last = mine[0][0], mine[-1][1]
         x = x.contiguous(memory_format=memory_format(device))
-        target = fkd.keep_topk(soft.rows(start + first, start + last, device), args.keep_topk)
+        target = labels.targets(plan, job, first, last, x, device)
         optimizer.zero_grad(set_to_none=True)
         for i, (lo, hi) in enumerate(mine):
             # every piece runs, empty ones too, so that all processes join the same collectives
             syncing = world == 1 or i == len(mine) - 1
             with contextlib.nullcontext() if syncing else model.no_sync():
                 with autocast(device, amp):
-                    out = model(x[lo - first:hi - first])
-                piece = kl_sum(out.float(), target[lo - first:hi - first], args.temperature) / (end - start)
+                    out = model(x[lo - first:hi - first]).float()
+                part = target[lo - first:hi - first]
+                loss = kl_sum(out, part, args.temperature) if labels.kind == "logits" else soft_cross_entropy_sum(out, part)
+                piece = loss / (end - start)
                 scaler.scale(piece * world).backward()  # DDP averages over the processes: undo it to sum
             losses[job.batch] += piece.detach()
         scaler.step(optimizer)
@@ -243,10 +387,7 @@ def checkpoint(net: nn.Module, optimizer, scheduler, scaler, epoch: int, best: f
     return state
 
 
-def load_checkpoint(args, net: nn.Module, optimizer, scheduler, scaler, device: torch.device) -> tuple[int, float]:
-    path = Path(args.resume or Path(args.output_dir) / "checkpoint.pth.tar")
-    if not path.is_file():
-        raise UsageError(f"cannot resume: {path} does not exist; drop --resume or pass the checkpoint's path")
+def load_checkpoint(path: Path, net: nn.Module, optimizer, scheduler, scaler, device: torch.device) -> tuple[int, float]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -256,6 +397,19 @@ def load_checkpoint(args, net: nn.Module, optimizer, scheduler, scaler, device: 
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     return int(state["epoch"]), float(state["best_top1"])
+
+
+def resume_from(args: argparse.Namespace, out: Path) -> Path | None:
+    """The checkpoint a run starts from: --resume CKPT, else with --resume the run folder's own (a seed of several
+    that has none starts afresh), else none."""
+    if args.resume is None:
+        return None
+    path = Path(args.resume) if args.resume else out / "checkpoint.pth.tar"
+    if path.is_file():
+        return path
+    if args.resume or args.seeds == 1:
+        raise UsageError(f"cannot resume: {path} does not exist; drop --resume or pass the checkpoint's path")
+    return None
 
 
 def start_wandb(args: argparse.Namespace):
@@ -268,10 +422,10 @@ def start_wandb(args: argparse.Namespace):
     return wandb.init(project=args.wandb_project, config=vars(args))
 
 
-def build_student(args: argparse.Namespace, meta: dict, device: torch.device, world: int) -> nn.Module:
+def build_student(args: argparse.Namespace, meta: dict, device: torch.device, world: int, seed: int) -> nn.Module:
     if args.sync_bn and world > 1 and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only); drop it on the CPU")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     net = build_model(args.model, meta["num_classes"], args.input_size)
     if args.sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -288,40 +442,21 @@ def wrap(net: nn.Module, args: argparse.Namespace, device: torch.device, rank: i
     return maybe_compile(model, device, args.compile, rank)
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    set_deterministic(args.deterministic)
-    rank, world = init_distributed(device, args.dist_timeout)
-    accumulation = args.gradient_accumulation_steps
-    if accumulation % world and world % accumulation:
-        raise UsageError(f"--gradient-accumulation-steps {accumulation} and {world} processes: one must be a multiple of the other")
-    amp = amp_dtype(args.amp, device)
-    meta = fkd.read_meta(args.fkd_path)
-    data = ImageFolderDataset(args.train_dir)
-    check_store(args, meta, data)
-    if not fkd.epoch_file(args.fkd_path, args.epochs - 1).is_file():
-        raise UsageError(f"the store {args.fkd_path} lacks epoch {args.epochs - 1}; finish matching first")
-    val_loader = build_val(args, meta, rank, world, device)
-    paths = [path for path, _ in data.samples]
-    hw = views.image_sizes(paths)
-    net = build_student(args, meta, device, world)
+def train_one(args: argparse.Namespace, labels, source, val_loader: DataLoader, seed: int, out: Path,
+              device: torch.device, rank: int, world: int, amp: torch.dtype | None) -> dict:
+    """Train and validate one student; returns its figures (as also written to OUT/results.json)."""
+    meta = labels.meta
+    net = build_student(args, meta, device, world, seed)
     optimizer = build_optimizer(args, net)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.cos, args.epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     start, best = args.start_epoch, -1.0
     for _ in range(start):
         scheduler.step()
-    if args.resume is not None:
-        start, best = load_checkpoint(args, net, optimizer, scheduler, scaler, device)
-    shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
-    loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
-    announce("training", device, precision_name(amp), world, rank, f"student {args.model}", loader,
-             *(["SyncBatchNorm"] if args.sync_bn else []))
-    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+    checkpoint_path = resume_from(args, out)
+    if checkpoint_path is not None:
+        start, best = load_checkpoint(checkpoint_path, net, optimizer, scheduler, scaler, device)
     model = wrap(net, args, device, rank, world)
-    out = Path(args.output_dir)
     metrics = read_metrics(out / "metrics.jsonl", start)
     run = start_wandb(args) if args.wandb and rank == 0 else None
     top1 = topk = None
@@ -329,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     for epoch in tqdm(range(start, args.epochs), disable=rank != 0, desc="training", initial=start, total=args.epochs):
         began = time.time()
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row["loss"] = train_epoch(args, model, optimizer, scaler, source, meta, epoch, rank, world, device, amp)
+        row["loss"] = train_epoch(args, model, optimizer, scaler, source, labels, epoch, rank, world, device, amp)
         scheduler.step()
         share_buffers(net, world)
         if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
@@ -348,11 +483,62 @@ def main(argv: list[str] | None = None) -> None:
                 run.log(row)
     if top1 is None:
         top1, topk, k = evaluate(net, val_loader, meta["num_classes"], device, amp, world)
+    result = {"seed": seed, "top1": top1, f"top{k}": topk, "best_top1": max(best, top1)}
     if rank == 0:
-        with atomic_path(out / "results.json") as tmp:
-            tmp.write_text(json.dumps({"top1": top1, f"top{k}": topk, "best_top1": max(best, top1),
-                                       "epochs": args.epochs, "model": args.model}, indent=1))
-        print(f"final: top-1 {top1:.2f} top-{k} {topk:.2f}")
+        print(f"final: top-1 {top1:.2f} top-{k} {topk:.2f}" + (f" (seed {seed})" if args.seeds > 1 else ""))
+    return result
+
+
+def summary(args: argparse.Namespace, runs: list[dict], num_images: int, num_classes: int) -> dict:
+    """The figures of all runs and their final-epoch top-1 as mean and sample standard deviation."""
+    top1 = [run["top1"] for run in runs]
+    mean = sum(top1) / len(top1)
+    std = math.sqrt(sum((v - mean) ** 2 for v in top1) / (len(top1) - 1)) if len(top1) > 1 else 0.0
+    topk = next(key for key in runs[0] if key.startswith("top") and key != "top1")
+    return {"protocol": args.protocol, "model": args.model, "epochs": args.epochs, "ipc": num_images // num_classes,
+            "runs": runs, "top1_mean": mean, "top1_std": std, "top1": mean,
+            topk: sum(run[topk] for run in runs) / len(runs), "best_top1": max(run["best_top1"] for run in runs)}
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    set_deterministic(args.deterministic)
+    rank, world = init_distributed(device, args.dist_timeout)
+    accumulation = args.gradient_accumulation_steps
+    if accumulation % world and world % accumulation:
+        raise UsageError(f"--gradient-accumulation-steps {accumulation} and {world} processes: one must be a multiple of the other")
+    amp = amp_dtype(args.amp, device)
+    data = ImageFolderDataset(args.train_dir)
+    paths = [path for path, _ in data.samples]
+    hw = views.image_sizes(paths)
+    labels = build_labels(args, data, hw, device, amp)
+    val_loader = build_val(args, labels.meta, rank, world, device)
+    build_model(args.model, labels.meta["num_classes"], args.input_size)  # an unknown architecture fails here
+    shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
+    loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
+    announce("training", device, precision_name(amp), world, rank, f"student {args.model}",
+             f"protocol {args.protocol}", loader, *(["SyncBatchNorm"] if args.sync_bn else []))
+    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+    base = Path(args.output_dir)
+    plan_seed = labels.plan_seed
+    runs = []
+    for k in range(args.seeds):
+        out = base / f"seed{args.seed + k}" if args.seeds > 1 else base
+        if args.protocol != "fkd":
+            labels.plan_seed = plan_seed + k
+        result = train_one(args, labels, source, val_loader, args.seed + k, out, device, rank, world, amp)
+        runs.append(result)
+        if rank == 0 and args.seeds > 1:
+            with atomic_path(out / "results.json") as tmp:
+                tmp.write_text(json.dumps(summary(args, [result], len(paths), len(data.classes)), indent=1))
+    if rank == 0:
+        figures = summary(args, runs, len(paths), len(data.classes))
+        with atomic_path(base / "results.json") as tmp:
+            tmp.write_text(json.dumps(figures, indent=1))
+        if args.seeds > 1:
+            print(f"final over {args.seeds} seeds: top-1 {figures['top1_mean']:.2f} ± {figures['top1_std']:.2f}")
 
 
 if __name__ == "__main__":
