@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import pickle
 import struct
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from d4m.runtime import UsageError
+from d4m.runtime import UsageError, atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT_DIR = REPO_ROOT / "distillation" / "label-prompt"
@@ -52,6 +53,26 @@ def resolve_prompts(dataset: str, label_file: Optional[str], class_names: list[s
     if shipped is not None:
         return load_prompts(shipped, len(class_names))
     return [name.replace("_", " ") for name in class_names]
+
+
+CLASS_LIST = "classes.json"
+
+
+def write_class_list(folder: str | Path, names: list[str], prompts: list[str]) -> None:
+    """Record, beside a set's class folders, what each folder is: index, real class name and prompt (`classes.json`),
+    so that later stages can check the class order against a teacher's."""
+    width = len(str(len(names) - 1))
+    rows = [{"index": c, "folder": f"{c:0{width}d}", "name": name, "prompt": prompt}
+            for c, (name, prompt) in enumerate(zip(names, prompts))]
+    with atomic_path(Path(folder) / CLASS_LIST) as tmp:
+        tmp.write_text(json.dumps({"classes": rows}, indent=1), encoding="utf-8")
+
+
+def read_class_list(folder: str | Path) -> Optional[list[dict]]:
+    path = Path(folder) / CLASS_LIST
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))["classes"]
 
 
 def load_rgb(path: str | Path) -> Image.Image:

@@ -95,3 +95,15 @@ def class_centres(method: str, latents: torch.Tensor, ipc: int, km_expand: int, 
     else:
         centres = faithful_centres(latents.numpy(), ipc, km_expand)
     return centres.astype(np.float32), inertia(latents, centres, device)
+
+
+def nearest_members(latents: torch.Tensor, centres: np.ndarray, device: torch.device) -> list[int]:
+    """For each centre in turn, the row of `latents` nearest to it among those not yet taken (distinct rows, so
+    that a set of real images chosen this way has as many images as centres)."""
+    x = latents.to(device=device, dtype=torch.float32)
+    distances = squared_distances(x, torch.as_tensor(centres, device=device, dtype=torch.float32)).T.cpu()
+    taken: list[int] = []
+    for row in distances:
+        row[taken] = float("inf")
+        taken.append(int(row.argmin()))
+    return taken

@@ -1,8 +1,9 @@
 """Prototype files: the class prototypes of stage 1, read by stage 2.
 
 Two formats carry the same content, prompts in class order and a [classes, ipc, 4, h, w] tensor:
-- `.safetensors` (default): tensors `prototypes` (float32) and `inertia` (float64, per class); metadata holds
-  `prompts` and `class_names` (JSON lists) and the run's settings as strings.
+- `.safetensors` (default): tensors `prototypes` (float32), `inertia` (float64, per class) and `nearest` (int64
+  [classes, ipc]: the training set's index of the distinct real image nearest to each prototype in latent space,
+  -1 where unknown); metadata holds `prompts` and `class_names` (JSON lists) and the run's settings as strings.
 - `.json` (the original's): a dict prompt -> nested list [ipc][4][h][w], keys in class order.
 
 Both are written class by class (`PrototypeWriter`), so memory does not grow with the set: ImageNet at IPC 200
@@ -53,11 +54,17 @@ class PrototypeWriter:
         self.path, self.tmp, self.fmt = Path(path), Path(tmp), fmt
         self.classes, self.class_shape = len(prompts), tuple(class_shape)
         self.class_bytes = int(np.prod(class_shape)) * 4
-        inertia_bytes = 8 * self.classes
+        self.per_class = self.class_shape[0]
+        inertia_bytes, nearest_bytes = 8 * self.classes, 8 * self.classes * self.per_class
+        self.nearest_start = inertia_bytes
+        self.prototypes_start = inertia_bytes + nearest_bytes
         header = {"__metadata__": {**metadata, "prompts": json.dumps(prompts)},
                   "inertia": {"dtype": "F64", "shape": [self.classes], "data_offsets": [0, inertia_bytes]},
+                  "nearest": {"dtype": "I64", "shape": [self.classes, self.per_class],
+                              "data_offsets": [inertia_bytes, self.prototypes_start]},
                   "prototypes": {"dtype": "F32", "shape": [self.classes, *self.class_shape],
-                                 "data_offsets": [inertia_bytes, inertia_bytes + self.classes * self.class_bytes]}}
+                                 "data_offsets": [self.prototypes_start,
+                                                  self.prototypes_start + self.classes * self.class_bytes]}}
         # sorted keys: identical runs give identical files (safetensors' own writer orders them by process)
         text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         self.header = struct.pack("<Q", len(text) + (-len(text) % 8)) + text + b" " * (-len(text) % 8)
@@ -68,17 +75,20 @@ class PrototypeWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.tmp, "wb") as f:
             f.write(self.header)
-            f.truncate(self.data_start + self.classes * (8 + self.class_bytes))
+            f.truncate(self.data_start + self.prototypes_start + self.classes * self.class_bytes)
 
-    def write(self, label: int, prototypes: np.ndarray, inertia: float) -> None:
-        """Put one class's [ipc, 4, h, w] prototypes and its inertia in place."""
+    def write(self, label: int, prototypes: np.ndarray, inertia: float, nearest: Optional[list[int]] = None) -> None:
+        """Put one class's [ipc, 4, h, w] prototypes, its inertia and its nearest real images in place."""
         if prototypes.shape != self.class_shape:
             raise UsageError(f"class {label}'s prototypes have shape {prototypes.shape}, the file expects "
                              f"{self.class_shape}; the VAE's latent shape differs from its configuration")
+        nearest = [-1] * self.per_class if nearest is None else nearest
         with open(self.tmp, "r+b") as f:
             f.seek(self.data_start + 8 * label)
             f.write(np.float64(inertia).astype("<f8").tobytes())
-            f.seek(self.data_start + 8 * self.classes + label * self.class_bytes)
+            f.seek(self.data_start + self.nearest_start + 8 * self.per_class * label)
+            f.write(np.asarray(nearest, dtype="<i8").tobytes())
+            f.seek(self.data_start + self.prototypes_start + label * self.class_bytes)
             f.write(np.ascontiguousarray(prototypes, dtype="<f4").tobytes())
 
     def commit(self) -> None:
@@ -172,6 +182,13 @@ class PrototypeFile:
 
     def inertia(self) -> Optional[torch.Tensor]:
         """Per-class k-means inertia, where the file records it (the JSON format does not)."""
-        if self._tensor is not None or "inertia" not in self._handle.keys():
+        return self._optional("inertia")
+
+    def nearest(self) -> Optional[torch.Tensor]:
+        """[classes, ipc] training-set indices of the real images nearest to the prototypes, where recorded."""
+        return self._optional("nearest")
+
+    def _optional(self, name: str) -> Optional[torch.Tensor]:
+        if self._tensor is not None or name not in self._handle.keys():
             return None
-        return self._handle.get_tensor("inertia")
+        return self._handle.get_tensor(name)

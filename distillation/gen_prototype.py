@@ -13,8 +13,9 @@ from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
 from d4m.device import (add_device_args, announce, compile_unavailable, memory_format, pick_device,
                         set_deterministic)
 from d4m.diffusion import batch_invariant, load_pipeline
-from d4m.kmeans import METHODS, class_centres
-from d4m.latents import ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape
+from d4m.kmeans import METHODS, class_centres, nearest_members
+from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
+                         shuffled)
 from d4m.prototypes import FORMATS, PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
 from d4m.runtime import UsageError, barrier, cli, first_error, from_rank0, init_distributed
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
@@ -66,7 +67,9 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
         for label, latents in encoded_classes(encode, loader, labels, args.seed, device, bar):
             centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand, args.seed,
                                            label, device)
-            writer.write(label, centres.reshape(args.ipc, *latents.shape[1:]), float(f"{score:.8g}"))
+            order = shuffled(members[label], args.seed, label)  # the order the class's latents were encoded in
+            nearest = [order[i] for i in nearest_members(latents.flatten(1), centres, device)]
+            writer.write(label, centres.reshape(args.ipc, *latents.shape[1:]), float(f"{score:.8g}"), nearest)
 
 
 @cli

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts
+from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts, write_class_list
 from d4m.device import add_device_args, announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import DTYPES, EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         synthesize(args, pipe, protos, prompts, todo, device, rank)
     barrier()
     if rank == 0:
+        names = json.loads(protos.metadata.get("class_names", "null")) or [str(c) for c in range(len(prompts))]
+        write_class_list(root, names, prompts)
         print(f"{len(prompts)} classes x {args.ipc} images in {root}")
 
 

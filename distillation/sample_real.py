@@ -1,25 +1,45 @@
-"""Draw IPC random real training images per class into an ImageFolder: the random-real baseline."""
+"""Real training images per class into an ImageFolder: the baselines D4M's images are compared with.
+
+    --select random   IPC images per class drawn at random (seeded): the random-real baseline;
+    --select nearest  the real image nearest (in the VAE's latent space) to each k-means prototype of stage 1,
+                      distinct within a class, read from the prototype file: does the diffusion step add anything
+                      over choosing real images with the same prototypes?
+
+Works for every dataset the chain reads (imagefolder included). The images keep their size unless --size is
+given; class folders are zero-padded indices, as stage 2 writes them, with classes.json beside them.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from d4m.data import DATASETS, class_count, train_dataset
+from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset, write_class_list
+from d4m.prototypes import PrototypeFile
 from d4m.runtime import UsageError, atomic_path, cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
     parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--ipc", type=int, default=10, help="images per class")
+    parser.add_argument("--select", default="random", choices=("random", "nearest"))
+    parser.add_argument("--prototype_path", default=None, help="stage 1's prototype file (with --select nearest)")
+    parser.add_argument("--ipc", type=int, default=None,
+                        help="images per class (default 10; with --select nearest the prototypes per class)")
     parser.add_argument("--size", type=int, default=None, help="resize to size x size (default: keep)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random draw")
+    parser.add_argument("--label_file_path", default=None, help="prompts recorded in classes.json")
     parser.add_argument("--output", required=True, help="folder to write <class>/<image>.png into")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ipc is not None and args.ipc < 1:
+        raise UsageError(f"--ipc must be at least 1, got {args.ipc}")
+    if args.select == "nearest" and not args.prototype_path:
+        raise UsageError("--select nearest needs --prototype_path (the file of distillation/gen_prototype.py)")
+    return args
 
 
 def pick_per_class(targets: list[int], num_classes: int, ipc: int, seed: int) -> list[list[int]]:
@@ -35,14 +55,33 @@ def pick_per_class(targets: list[int], num_classes: int, ipc: int, seed: int) ->
     return picks
 
 
+def nearest_per_class(path: str, class_names: list[str], ipc: int | None) -> list[list[int]]:
+    """The prototype file's nearest real images, checked against this dataset's classes."""
+    protos = PrototypeFile(path)
+    nearest = protos.nearest()
+    if nearest is None or bool((nearest < 0).any()):
+        raise UsageError(f"prototype file {path} does not record the real images nearest to its prototypes; "
+                         "regenerate it with distillation/gen_prototype.py")
+    recorded = json.loads(protos.metadata.get("class_names", "null"))
+    if recorded != class_names:
+        raise UsageError(f"prototype file {path} was made from other classes than --data_dir's "
+                         f"({len(recorded or [])} vs {len(class_names)} classes); use the same dataset")
+    if ipc is not None and ipc != protos.per_class:
+        raise UsageError(f"--ipc {ipc} differs from the {protos.per_class} prototypes per class in {path}")
+    return nearest.tolist()
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.ipc < 1:
-        raise UsageError(f"--ipc must be at least 1, got {args.ipc}")
     data = train_dataset(args.dataset, args.data_dir)
     num_classes = class_count(args.dataset, data)
-    picks = pick_per_class(data.targets, num_classes, args.ipc, args.seed)
+    class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
+    prompts = resolve_prompts(args.dataset, args.label_file_path, class_names)
+    if args.select == "nearest":
+        picks = nearest_per_class(args.prototype_path, class_names, args.ipc)
+    else:
+        picks = pick_per_class(data.targets, num_classes, args.ipc or 10, args.seed)
     width = len(str(num_classes - 1))
     for c, indices in enumerate(tqdm(picks, desc="classes")):
         for j, index in enumerate(indices):
@@ -51,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                 img = img.resize((args.size, args.size), resample=2)
             with atomic_path(Path(args.output) / f"{c:0{width}d}" / f"{j:03d}.png") as tmp:
                 img.save(tmp, format="PNG")
-    print(f"wrote {num_classes * args.ipc} images to {args.output}")
+    write_class_list(args.output, class_names, prompts)
+    print(f"wrote {sum(len(p) for p in picks)} images to {args.output}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,13 @@ def reference_centres(data, sd, label, seed=3, ipc=2, km_expand=2, batch_size=4)
     kmeans = MiniBatchKMeans(n_clusters=ipc, random_state=0, batch_size=km_expand * ipc, n_init="auto")
     for start in range(0, len(latents), km_expand * ipc):  # 6 images: a chunk of 4, then the leftover 2
         kmeans.partial_fit(latents[start : start + km_expand * ipc])
-    return kmeans.cluster_centers_.reshape(ipc, 4, 16, 16)
+    centres = kmeans.cluster_centers_
+    nearest = []  # for each centre in turn, the dataset index of the closest latent not yet taken
+    for centre in centres:
+        distances = ((latents - centre) ** 2).sum(1)
+        distances[[order.index(i - offset) for i in nearest]] = np.inf
+        nearest.append(offset + order[int(distances.argmin())])
+    return centres.reshape(ipc, 4, 16, 16), nearest
 
 
 def test_centres_match_sklearn_and_json_matches_binary(image_folder, tiny_sd, tmp_path):
@@ -52,8 +58,9 @@ def test_centres_match_sklearn_and_json_matches_binary(image_folder, tiny_sd, tm
     assert json.loads(protos.metadata["class_names"]) == ["class0", "class1", "class2"]
     for label in range(3):
         assert torch.equal(protos.of_class(label), protos.all()[label])
-        np.testing.assert_allclose(protos.of_class(label).numpy(), reference_centres(image_folder, tiny_sd, label),
-                                   atol=1e-6, rtol=0)
+        centres, nearest = reference_centres(image_folder, tiny_sd, label)
+        np.testing.assert_allclose(protos.of_class(label).numpy(), centres, atol=1e-6, rtol=0)
+        assert protos.nearest()[label].tolist() == nearest and len(set(nearest)) == 2
     assert run_script(SCRIPT, args(image_folder, tiny_sd, out, "--prototype_format", "json")) == 0
     as_json = PrototypeFile(out / "imagefolder-ipc2-kmexpand2.json")
     assert as_json.prompts == protos.prompts

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import run_script, run_torchrun
+from d4m.data import read_class_list
 from d4m.prototypes import save_prototypes
 from test_prototypes import shown
 
@@ -55,6 +56,8 @@ def test_layout_sorts_in_class_order(reference):
 def test_batch_size_does_not_change_images(prototypes, tiny_sd, tmp_path, reference):
     assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 1)) == 0
     assert images(tmp_path / FOLDER) == reference
+    classes = read_class_list(tmp_path / FOLDER)  # what each class folder holds, for the label check of matching
+    assert [(c["folder"], c["name"], c["prompt"]) for c in classes] == [(str(i), str(i), PROMPTS[i]) for i in range(3)]
 
 
 def test_resume_remakes_only_missing_images(prototypes, tiny_sd, tmp_path, reference):
