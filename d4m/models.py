@@ -90,6 +90,8 @@ def load_pretrained(arch: str) -> tuple[nn.Module, dict]:
     """A torchvision model with its default ImageNet weights (downloaded by torchvision on first use)."""
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UsageError(f"unknown architecture {arch!r}; use a torchvision classification model name or --teacher-path")
-    model = torchvision.models.get_model(arch, weights="DEFAULT")
-    record = {"arch": arch, "num_classes": 1000, "input_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    model = torchvision.models.get_model(arch, weights=weights)
+    record = {"arch": arch, "num_classes": 1000, "input_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+              "classes": list(weights.meta["categories"])}
     return model.eval(), record

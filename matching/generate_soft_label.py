@@ -7,6 +7,7 @@ Example (ImageNet, the paper's settings):
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -14,12 +15,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from d4m import fkd, views
-from d4m.data import ImageFolderDataset
+from d4m import fkd, labelcheck, views
+from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
 from d4m.models import load_pretrained, load_teacher_file
-from d4m.runtime import UsageError, barrier, cli, init_distributed
+from d4m.runtime import UsageError, atomic_path, barrier, cli, first_error, init_distributed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +50,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the teacher's autocast on CUDA; auto: fp16 with --use-fp16 (as the original), else bf16. "
                         "The CPU always runs float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    p.add_argument("--dataset", default=None, choices=list(DATASETS),
+                   help="with --data-dir: the real validation split the label check also scores the teacher on")
+    p.add_argument("--data-dir", default=None, help="the dataset's folder (label check)")
+    p.add_argument("--val-dir", default=None, help="or a real validation ImageFolder (label check)")
+    p.add_argument("--no-label-check", action="store_true",
+                   help="skip the check, before matching, that teacher, synthetic folders and prompts share one "
+                        "class order")
     add_device_args(p)
     args = p.parse_args(argv)
     args.mix_type = args.mix_type or "None"
@@ -65,6 +73,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--mixup and --cutmix are Beta parameters and must be positive")
     if args.soft_label_topk is not None and args.soft_label_topk < 1:
         raise UsageError("--soft-label-topk must be at least 1")
+    if args.data_dir and not args.dataset:
+        raise UsageError("--data-dir needs --dataset (which of the dataset layouts it holds)")
 
 
 def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.device,
@@ -86,6 +96,32 @@ def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.devi
         raise UsageError(f"the teacher ({record['arch']}) cannot take {args.input_size} px inputs; "
                          f"use --input-size {record['input_size']}") from err
     return teacher, record
+
+
+def label_check(args: argparse.Namespace, teacher: nn.Module, record: dict, data: ImageFolderDataset,
+                device: torch.device, amp: torch.dtype | None) -> dict:
+    """Score the teacher on the synthetic images (and the real validation split when given) per class, compare its
+    class names with classes.json, print one line, and stop when the class orders look different."""
+    classes = len(data.classes)
+    class_list = read_class_list(args.data)
+    if class_list is not None and [row["folder"] for row in class_list] != data.classes:
+        raise UsageError(f"{args.data}/classes.json lists other class folders than {args.data} holds; regenerate "
+                         "the set or remove classes.json")
+    transform = labelcheck.eval_transform(args.input_size, record["mean"], record["std"])
+    synthetic = labelcheck.per_class_top1(teacher, ImageFolderDataset(args.data, transform), classes, device, amp,
+                                          args.workers)
+    real = None
+    if args.val_dir or args.data_dir:
+        val = ImageFolderDataset(args.val_dir, transform) if args.val_dir else val_dataset(args.dataset, args.data_dir,
+                                                                                            transform)
+        if len(val.classes) != classes:
+            raise UsageError(f"the validation split has {len(val.classes)} classes but {args.data} has {classes}")
+        real = labelcheck.per_class_top1(teacher, val, classes, device, amp, args.workers)
+    labelcheck.check(synthetic, real, labelcheck.name_mismatch(record.get("classes"), class_list), classes)
+    names = [str(row["name"]) for row in class_list] if class_list else data.classes
+    print(labelcheck.report(synthetic, real, names, classes), flush=True)
+    return {"class_names": names, "synthetic_top1": synthetic.tolist(),
+            "real_top1": None if real is None else real.tolist(), "teacher": record["arch"]}
 
 
 def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict, topk: int | None,
@@ -145,12 +181,24 @@ def main(argv: list[str] | None = None) -> None:
     paths = [path for path, _ in data.samples]
     hw = views.image_sizes(paths)
     start = fkd.open_store(args.fkd_path, meta, create=False)
-    barrier()
-    if rank == 0:
-        fkd.open_store(args.fkd_path, meta, create=True)
     shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
     loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
     announce("matching", device, precision_name(amp), world, rank, f"teacher {record['arch']}", loader)
+    checked, error = None, ""
+    if not args.no_label_check and rank == 0 and start < args.epochs:
+        try:
+            checked = label_check(args, teacher, record, data, device, amp)
+        except UsageError as err:
+            error = str(err)
+    error = first_error(error, world)
+    if error:
+        raise UsageError(error)
+    barrier()
+    if rank == 0:
+        fkd.open_store(args.fkd_path, meta, create=True)
+        if checked is not None:
+            with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
+                tmp.write_text(json.dumps(checked, indent=1))
     source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
     teacher = maybe_compile(teacher, device, args.compile, rank)
     dtype = torch.float16 if args.use_fp16 else torch.float32

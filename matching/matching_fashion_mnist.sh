@@ -2,7 +2,9 @@
 # Stage 3 for Fashion-MNIST: training-time matching, soft labels of a ConvNet teacher for
 # every augmented view of the images of gen_syn_image_fashion_mnist.sh (150 epochs, batch 50, CutMix);
 # writes $OUT_DIR/fkd/fashion_mnist_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/. Resumes an interrupted run.
+# Before matching, the label check scores the teacher on the images and on DATA_DIR's validation split.
 # Environment, shared by the four Fashion-MNIST launchers (same names, same defaults); this one reads:
+#   DATA_DIR  the dataset's folder, for the label check (default data/fashion_mnist)
 #   TEACHER   teacher file of matching/train_teacher.py (default models/fashion_mnist/teacher_convnet.pt)
 #   IPC       images per class; give all four stages the same value (default 10)
 #   OUT_DIR   stage outputs: $OUT_DIR/prototypes, syn, fkd and student (default outputs)
@@ -13,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEACHER=${TEACHER:-models/fashion_mnist/teacher_convnet.pt}
+DATA_DIR=${DATA_DIR:-data/fashion_mnist}
 IPC=${IPC:-10}
 OUT_DIR=${OUT_DIR:-outputs}
 [[ $IPC =~ ^[1-9][0-9]*$ ]] || { echo "error: IPC must be a positive integer, got '$IPC'" >&2; exit 2; }
@@ -26,6 +29,7 @@ NAME=fashion_mnist_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
 "${RUN[@]}" matching/generate_soft_label.py \
     --data "$OUT_DIR/syn/$NAME" \
     --fkd-path "$OUT_DIR/fkd/$NAME" \
+    --dataset fashion_mnist --data-dir "$DATA_DIR" \
     --teacher-path "$TEACHER" \
     -b 50 \
     --epochs 150 \

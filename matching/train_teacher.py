@@ -66,15 +66,17 @@ def transforms_for(input_size: int) -> tuple[T.Compose, T.Compose]:
     return T.Compose(train + finish), T.Compose(test + finish)
 
 
-def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, int]:
+def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, list[str]]:
+    """Training and validation loaders, and the class names in index order."""
     train_tf, test_tf = transforms_for(args.input_size)
     train_set: Dataset = train_dataset(args.dataset, args.data_dir, train_tf)
     val_set: Dataset = val_dataset(args.dataset, args.data_dir, test_tf)
     num_classes = class_count(args.dataset, train_set)
+    class_names = [str(name) for name in getattr(train_set, "classes", range(num_classes))]
     gen = torch.Generator().manual_seed(args.seed)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0)
     return (DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size, generator=gen, **common),
-            DataLoader(val_set, shuffle=False, **common), num_classes)
+            DataLoader(val_set, shuffle=False, **common), class_names)
 
 
 @torch.no_grad()
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     announce("teacher training", device, "float32", 1, 0, f"{args.arch} at {args.input_size} px")
     torch.manual_seed(args.seed)
-    train_loader, val_loader, num_classes = loaders(args)
+    train_loader, val_loader, class_names = loaders(args)
+    num_classes = len(class_names)
     model = build_model(args.arch, num_classes, args.input_size).to(device)
     opt, sched = make_optimizer(model, args, args.epochs * len(train_loader))
     start = time.time()
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         top1 = evaluate(model, val_loader, device)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}, val top-1 {top1:.2f}% ({time.time() - start:.0f} s)")
     save_teacher(args.output, model, args.arch, num_classes, args.input_size,
-                 dataset=args.dataset, top1=top1, epochs=args.epochs)
+                 dataset=args.dataset, top1=top1, epochs=args.epochs, classes=class_names)
     print(f"final val top-1 {top1:.2f}%; wrote {args.output}")
 
 

@@ -55,7 +55,8 @@ def test_reduced_chain(fashion_subset, tmp_path, one_thread):
         "--prototype_path", proto_file, "--save_init_image_path", out / "syn", "--strength", 0.7,
         "--guidance_scale", 8, "--image_size", 32, "--num_inference_steps", 20, "--batch_size", 10]) == 0
     syn = out / "syn" / "fashion_mnist_ipc1_1_s0.7_g8.0_kmexpand10"
-    assert sorted(p.name for p in syn.iterdir()) == [str(c) for c in range(10)]
+    assert sorted(p.name for p in syn.iterdir() if p.is_dir()) == [str(c) for c in range(10)]
+    assert (syn / "classes.json").is_file()
     assert len(list(syn.glob("*/*.png"))) == 10
 
     assert run_script("matching/generate_soft_label.py", [

@@ -1,7 +1,6 @@
 """distillation/sample_real.py: the random-real and nearest-real baselines, for any dataset."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

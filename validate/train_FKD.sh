@@ -4,6 +4,7 @@
 # validation split of DATA_DIR; writes $OUT_DIR/student/imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/.
 # Environment, shared by the four ImageNet-1K launchers (same names, same defaults); this one reads:
 #   DATA_DIR  the dataset's folder (default data/imagenet)
+#   SEEDS     students trained, seeds 0 .. SEEDS-1, summarised as mean and std (default 1)
 #   IPC       images per class; give all four stages the same value (default 10)
 #   OUT_DIR   stage outputs: $OUT_DIR/prototypes, syn, fkd and student (default outputs)
 #   NPROC     run under torchrun with that many processes (default: one process)
@@ -14,8 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA_DIR=${DATA_DIR:-data/imagenet}
 IPC=${IPC:-10}
+SEEDS=${SEEDS:-1}
 OUT_DIR=${OUT_DIR:-outputs}
 [[ $IPC =~ ^[1-9][0-9]*$ ]] || { echo "error: IPC must be a positive integer, got '$IPC'" >&2; exit 2; }
+[[ $SEEDS =~ ^[1-9][0-9]*$ ]] || { echo "error: SEEDS must be a positive integer, got '$SEEDS'" >&2; exit 2; }
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 RUN=("$PY")
 if [ -n "${NPROC:-}" ]; then
@@ -38,4 +41,5 @@ NAME=imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
     --adamw-lr 0.001 \
     --adamw-weight-decay 0.01 \
     --mix-type cutmix \
+    --seeds "$SEEDS" \
     "$@"
