@@ -1,0 +1,59 @@
+"""validate/evaluate.py: sets x architectures x protocols x seeds in one table, and the scores against random."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_image_folder, run_script
+from fkd_helpers import tiny_setup
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SCRIPT = "validate/evaluate.py"
+
+
+def test_one_command_gives_every_row_and_score(tmp_path, capsys):
+    data, teacher = tiny_setup(tmp_path)
+    random_set = make_image_folder(tmp_path / "random", classes=3, per_class=4, size=32, seed=7) / "train"
+    out = tmp_path / "eval"
+    argv = ["--set", f"d4m={data / 'train'}", "--set", f"random={random_set}", "--val-dir", data / "val",
+            "--teacher-path", teacher, "--models", "convnet", "--protocols", "fkd,hard,online", "--seeds", 2,
+            "--epochs", 2, "--batch-size", 5, "--input-size", 32, "-j", 0, "--device", "cpu", "--no-label-check",
+            "--real-hard-top1", 50, "--output", out]
+    assert run_script(SCRIPT, argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["protocol"]): r for r in result["rows"]}
+    assert set(rows) == {(m, p) for m in ("d4m", "random") for p in ("fkd", "hard", "online")}
+    for row in rows.values():
+        assert row["model"] == "convnet" and row["ipc"] == 4 and len(row["runs"]) == 2
+        assert row["top1_mean"] == pytest.approx(sum(row["runs"]) / 2)
+        assert row["top1_std"] == pytest.approx(abs(row["runs"][0] - row["runs"][1]) / 2 ** 0.5)
+    (score,) = result["scores"]
+    for protocol in ("fkd", "hard", "online"):
+        assert score[f"ior_{protocol}"] == pytest.approx(rows[("d4m", protocol)]["top1_mean"]
+                                                         - rows[("random", protocol)]["top1_mean"])
+    assert score["hlr"] == pytest.approx(50 - rows[("d4m", "hard")]["top1_mean"])
+    assert (out / "fkd" / "d4m" / "meta.json").is_file() and (out / "d4m" / "convnet" / "hard" / "seed1").is_dir()
+    table = (out / "results.md").read_text()
+    assert "| d4m | convnet | fkd | 4 |" in table and "ior_hard" in table
+    capsys.readouterr()
+    assert run_script(SCRIPT, argv) == 0  # a rerun reads the finished runs back
+    assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    data, teacher = tiny_setup(tmp_path)
+    common = ["--val-dir", data / "val", "--output", tmp_path / "out", "--device", "cpu"]
+    cases = {
+        "write NAME=FOLDER": ["--set", "d4m", "--teacher-path", teacher],
+        "is not a folder": ["--set", f"d4m={tmp_path / 'none'}", "--teacher-path", teacher],
+        "need a teacher": ["--set", f"d4m={data / 'train'}"],
+        "unknown protocol 'soft'": ["--set", f"d4m={data / 'train'}", "--teacher-path", teacher, "--protocols", "soft"],
+        "label check": ["--set", f"d4m={data / 'train'}", "--teacher-path", teacher, "--epochs", 1, "-b", 5,
+                        "--input-size", 32, "-j", 0],
+    }
+    for message, extra in cases.items():
+        capsys.readouterr()
+        assert run_script(SCRIPT, common + extra) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err

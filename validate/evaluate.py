@@ -1,0 +1,251 @@
+"""Evaluate a distilled set beside its baselines: several students, protocols and seeds, one table.
+
+Every set named with --set (D4M's images and the baselines of distillation/sample_real.py, say) is trained on
+with every --models architecture under every --protocols protocol, --seeds times, with the same recipe:
+  fkd     the soft labels of one store per set, made here once by matching/generate_soft_label.py (the teacher's
+          label check included) and reused by every architecture;
+  online  the teacher labels every batch on the fly (no store), with RDED's recipe by default (--online-recipe);
+  hard    cross-entropy on the class labels, no teacher.
+Each run is validate/train_FKD.py; the figures are the final-epoch top-1 on the real validation split. Results go
+to OUTPUT/results.json (and .md): one row per set, architecture and protocol with every seed's top-1, their mean
+and standard deviation, and the scores of each set against the set named `random` (README, Evaluation).
+
+    python validate/evaluate.py --dataset fashion_mnist --data-dir data/fashion_mnist \\
+        --set d4m=outputs/syn/fashion_mnist_ipc10_10_s0.7_g8.0_kmexpand1 --set random=outputs/syn/real_fashion_mnist_ipc10 \\
+        --teacher-path models/fashion_mnist/teacher_convnet.pt --models convnet --protocols fkd,hard --seeds 3 \\
+        --epochs 150 --batch-size 50 --input-size 32 -j 0 --output outputs/eval/fashion_mnist_ipc10
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+from d4m.data import DATASETS, ImageFolderDataset
+from d4m.models import load_teacher_file
+from d4m.runtime import UsageError, atomic_path, cli
+
+REPO = Path(__file__).resolve().parent.parent
+MATCH = REPO / "matching" / "generate_soft_label.py"
+TRAIN = REPO / "validate" / "train_FKD.py"
+PROTOCOLS = ("fkd", "online", "hard")
+# RDED's learning rates for AdamW, per student (its other students take 1e-3)
+RDED_LR = {"mobilenet_v2": 0.0025, "efficientnet_b0": 0.002, "vgg11": 0.0005, "alexnet": 0.0001,
+           "vit_b_16": 0.0001, "swin_v2_t": 0.0001}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--set", action="append", required=True, metavar="NAME=FOLDER",
+                   help="an image set (ImageFolder) to evaluate, e.g. d4m=..., random=..., nearest=...")
+    p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
+    p.add_argument("--data-dir", default=None, help="the dataset's folder (its validation split)")
+    p.add_argument("--val-dir", default=None, help="a real validation ImageFolder (with --dataset imagefolder)")
+    p.add_argument("--teacher-path", default=None, help="teacher file of matching/train_teacher.py")
+    p.add_argument("-a", "--arch", default=None, help="else a torchvision teacher with its ImageNet weights")
+    p.add_argument("--models", default="resnet18", help="comma-separated student architectures")
+    p.add_argument("--protocols", default="fkd", help=f"comma-separated, of {', '.join(PROTOCOLS)}")
+    p.add_argument("--seeds", type=int, default=1, help="students per set, architecture and protocol")
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("-b", "--batch-size", type=int, default=1024)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("-T", "--temperature", type=float, default=20.0)
+    p.add_argument("--adamw-lr", type=float, default=0.001)
+    p.add_argument("--adamw-weight-decay", type=float, default=0.01)
+    p.add_argument("--mix-type", default="cutmix", choices=("cutmix", "mixup", "None"))
+    p.add_argument("--use-fp16", action="store_true", help="fp16 soft labels in the stores (matching)")
+    p.add_argument("--online-recipe", default="rded", choices=("rded", "same"),
+                   help="rded: the online runs take RDED's batch size, learning rate per architecture, temperature "
+                        "and half-cosine schedule; same: the recipe of the other protocols")
+    p.add_argument("--real-hard-top1", type=float, default=None,
+                   help="top-1 of the architecture trained on the whole real training set with hard labels, for the "
+                        "hard-label recovery score (default: the teacher file's, for the teacher's architecture)")
+    p.add_argument("--no-label-check", action="store_true", help="passed to matching")
+    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("--device", default=None)
+    p.add_argument("--nproc", type=int, default=1, help="run each stage under torchrun with this many processes")
+    p.add_argument("--output", required=True)
+    args = p.parse_args(argv)
+    args.sets = dict(parse_set(text) for text in args.set)
+    args.models = [m for m in args.models.split(",") if m]
+    args.protocols = [p for p in args.protocols.split(",") if p]
+    unknown = [p for p in args.protocols if p not in PROTOCOLS]
+    if unknown:
+        raise UsageError(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
+    if ("fkd" in args.protocols or "online" in args.protocols) and not (args.teacher_path or args.arch):
+        raise UsageError("protocols fkd and online need a teacher: --teacher-path or -a")
+    if args.seeds < 1 or args.nproc < 1:
+        raise UsageError("--seeds and --nproc must be positive")
+    return args
+
+
+def parse_set(text: str) -> tuple[str, Path]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise UsageError(f"--set {text!r}: write NAME=FOLDER")
+    if not Path(folder).is_dir():
+        raise UsageError(f"--set {name}: {folder} is not a folder")
+    return name, Path(folder)
+
+
+def run(script: Path, argv: list, log: Path, nproc: int) -> None:
+    """Run a stage script (in this process, or under torchrun), its output in `log`; one line on failure."""
+    argv = [str(a) for a in argv]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        if nproc > 1:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(script)]
+            status = subprocess.run(command + argv, stdout=out, stderr=subprocess.STDOUT).returncode
+        else:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                try:
+                    runpy.run_path(str(script), run_name="stage")["main"](argv)
+                    status = 0
+                except SystemExit as stop:
+                    status = stop.code if isinstance(stop.code, int) else 1
+    if status:
+        lines = [line for line in log.read_text().splitlines() if line.startswith("error:")]
+        reason = lines[-1] if lines else f"exit status {status}"
+        raise UsageError(f"{script.name} {' '.join(argv[:2])} failed ({reason}); its output is in {log}")
+
+
+def teacher_flags(args: argparse.Namespace) -> list:
+    return ["--teacher-path", args.teacher_path] if args.teacher_path else (["-a", args.arch] if args.arch else [])
+
+
+def validation_flags(args: argparse.Namespace) -> list:
+    flags = ["--dataset", args.dataset]
+    flags += ["--data-dir", args.data_dir] if args.data_dir else []
+    return flags + (["--val-dir", args.val_dir] if args.val_dir else [])
+
+
+def match(args: argparse.Namespace, name: str, folder: Path) -> Path:
+    """The set's soft-label store (made once; a rerun resumes or reuses it)."""
+    store = Path(args.output) / "fkd" / name
+    argv = ["--data", folder, "--fkd-path", store, *teacher_flags(args), "-b", args.batch_size, "--epochs",
+            args.epochs, "--input-size", args.input_size, "--mix-type", args.mix_type, "-j", args.workers,
+            *validation_flags(args), *(["--use-fp16"] if args.use_fp16 else []),
+            *(["--no-label-check"] if args.no_label_check else []), *device_flags(args)]
+    run(MATCH, argv, Path(args.output) / "logs" / f"match_{name}.log", args.nproc)
+    return store
+
+
+def device_flags(args: argparse.Namespace) -> list:
+    return ["--device", args.device] if args.device else []
+
+
+def rded_recipe(model: str, ipc: int, classes: int, mix_type: str) -> dict:
+    """RDED's validation settings: batch by IPC and class count, AdamW rate by student, T by mix, half-cosine."""
+    batch = {1: 10, 10: 50, 50: 100}.get(ipc, 100 if ipc > 10 else 50)
+    if classes >= 100:
+        batch *= 2
+    return {"--batch-size": min(batch, ipc * classes), "--adamw-lr": RDED_LR.get(model, 0.001),
+            "-T": 4.0 if mix_type == "mixup" else 20.0, "--lr-schedule": "half-cosine"}
+
+
+def train(args: argparse.Namespace, name: str, folder: Path, model: str, protocol: str, store: Path | None,
+          ipc: int, classes: int) -> dict:
+    out = Path(args.output) / name / model / protocol
+    recipe = {"--batch-size": args.batch_size, "--adamw-lr": args.adamw_lr, "-T": args.temperature,
+              "--lr-schedule": "cosine"}
+    if protocol == "online" and args.online_recipe == "rded":
+        recipe.update(rded_recipe(model, ipc, classes, args.mix_type))
+    argv = ["--train-dir", folder, "--output-dir", out, "--model", model, "--protocol", protocol,
+            "--epochs", args.epochs, "--input-size", args.input_size, "--adamw-weight-decay", args.adamw_weight_decay,
+            "--gradient-accumulation-steps", args.gradient_accumulation_steps, "--mix-type", args.mix_type,
+            "--seeds", args.seeds, "-j", args.workers, *[v for pair in recipe.items() for v in pair],
+            *validation_flags(args), *device_flags(args)]
+    if protocol == "fkd":
+        argv += ["--fkd-path", store]
+    elif protocol == "online":
+        argv += ["--teacher-path", args.teacher_path] if args.teacher_path else ["--teacher-arch", args.arch]
+    elif args.teacher_path:
+        argv += ["--teacher-path", args.teacher_path]  # the hard runs normalise as the soft ones do
+    if any(out.glob("**/checkpoint.pth.tar")):
+        argv.append("--resume")  # a finished run is read back, an interrupted one continues
+    run(TRAIN, argv, Path(args.output) / "logs" / f"train_{name}_{model}_{protocol}.log", args.nproc)
+    result = json.loads((out / "results.json").read_text())
+    return {"method": name, "model": model, "protocol": protocol, "ipc": ipc,
+            "runs": [r["top1"] for r in result["runs"]], "top1_mean": result["top1_mean"],
+            "top1_std": result["top1_std"]}
+
+
+def real_hard_top1(args: argparse.Namespace, model: str) -> float | None:
+    if args.real_hard_top1 is not None:
+        return args.real_hard_top1
+    if args.teacher_path:
+        _, record = load_teacher_file(args.teacher_path)
+        if record["arch"] == model and record.get("dataset") == args.dataset and "top1" in record:
+            return float(record["top1"])
+    return None
+
+
+def scores(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """Per set (but `random`) and architecture: improvement over random real under each protocol, the hard-label
+    recovery, and how much of the soft-label improvement the images keep with hard labels."""
+    mean = {(r["method"], r["model"], r["protocol"]): r["top1_mean"] for r in rows}
+    out = []
+    for name in args.sets:
+        if name == "random":
+            continue
+        for model in args.models:
+            row = {"method": name, "model": model}
+            for protocol in args.protocols:
+                if (name, model, protocol) in mean and ("random", model, protocol) in mean:
+                    row[f"ior_{protocol}"] = mean[(name, model, protocol)] - mean[("random", model, protocol)]
+            real = real_hard_top1(args, model)
+            if (name, model, "hard") in mean and real is not None:
+                row["hlr"] = real - mean[(name, model, "hard")]
+            soft = row.get("ior_fkd", row.get("ior_online"))
+            if "ior_hard" in row and soft is not None and soft > 0:
+                row["kept"] = row["ior_hard"] / soft
+            out.append(row)
+    return out
+
+
+def markdown(rows: list[dict], score_rows: list[dict]) -> str:
+    lines = ["| method | model | protocol | IPC | top-1 % (mean ± std) | runs |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        runs = " / ".join(f"{v:.2f}" for v in r["runs"])
+        lines.append(f"| {r['method']} | {r['model']} | {r['protocol']} | {r['ipc']} | "
+                     f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {runs} |")
+    if score_rows:
+        keys = [k for k in ("ior_fkd", "ior_online", "ior_hard", "hlr", "kept") if any(k in s for s in score_rows)]
+        lines += ["", "| method | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for s in score_rows:
+            cells = [f"{s[k]:.2f}" if k in s and math.isfinite(s[k]) else "—" for k in keys]
+            lines.append(f"| {s['method']} | {s['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = []
+    for name, folder in args.sets.items():
+        data = ImageFolderDataset(folder)
+        classes, ipc = len(data.classes), len(data.samples) // len(data.classes)
+        store = match(args, name, folder) if "fkd" in args.protocols else None
+        for model in args.models:
+            for protocol in args.protocols:
+                row = train(args, name, folder, model, protocol, store, ipc, classes)
+                rows.append(row)
+                print(f"{name} {model} {protocol}: top-1 {row['top1_mean']:.2f} ± {row['top1_std']:.2f} "
+                      f"({args.seeds} seed{'s' if args.seeds > 1 else ''})", flush=True)
+    score_rows = scores(args, rows)
+    out = Path(args.output)
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps({"dataset": args.dataset, "rows": rows, "scores": score_rows}, indent=1))
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(markdown(rows, score_rows))
+    print(markdown(rows, score_rows), end="")
+
+
+if __name__ == "__main__":
+    main()
