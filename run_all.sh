@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The whole D4M chain with one command.
-#   bash run_all.sh                 # Fashion-MNIST, offline, CPU (IPC=10 by default): prototypes, synthesis, soft labels, student,
-#                                   # plus the random-real baseline, a results table and a picture
+#   bash run_all.sh                 # Fashion-MNIST, offline, CPU (IPC=10 by default): prototypes, synthesis, and the evaluation:
+#                                   # D4M's images beside random real and nearest-real images, soft and hard labels,
+#                                   # a results table, the accuracy-vs-IPC curve and a picture of the set
+#   IPCS="1 2 5 10" SEEDS=3 bash run_all.sh      # the curve over several IPCs, three seeds each
+#   MODELS=convnet,resnet18_modified PROTOCOLS=fkd,online,hard bash run_all.sh
 #   bash run_all.sh imagenet        # chains that dataset's four launchers (also tiny_imagenet, cifar10, cifar100)
 # The launchers' environment applies here too and reaches every stage: DATA_DIR, SD_MODEL, TEACHER, IPC (default 10),
-# OUT_DIR (default outputs), NPROC and PYTHON. The Fashion-MNIST chain writes its table to $OUT_DIR and its picture
-# to misc/, or to $OUT_DIR as well when OUT_DIR is set.
+# SEEDS (default 1), OUT_DIR (default outputs), NPROC and PYTHON. The Fashion-MNIST chain also reads IPCS, MODELS and
+# PROTOCOLS, writes its table to $OUT_DIR and its pictures to misc/, or to $OUT_DIR as well when OUT_DIR is set.
 # Stages resume: rerunning after an interruption continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,32 +38,51 @@ case "$DATASET" in
         exit 2 ;;
 esac
 
-FIGURE=misc/fashion_mnist_d4m.png
-if [ -n "${OUT_DIR:-}" ]; then FIGURE=$OUT_DIR/fashion_mnist_d4m.png; fi
+MISC=misc
+if [ -n "${OUT_DIR:-}" ]; then MISC=$OUT_DIR; fi  # a run of one's own keeps the README's pictures
 export OUT_DIR=${OUT_DIR:-outputs}
 export DATA_DIR=${DATA_DIR:-data/fashion_mnist}
 export SD_MODEL=${SD_MODEL:-models/fashion_mnist/ldm}
 export TEACHER=${TEACHER:-models/fashion_mnist/teacher_convnet.pt}
+IPCS=${IPCS:-$IPC}
+SEEDS=${SEEDS:-1}
+MODELS=${MODELS:-convnet}
+PROTOCOLS=${PROTOCOLS:-fkd,hard}
+for value in $IPCS $SEEDS; do
+    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: IPCS and SEEDS take positive integers, got '$value'" >&2; exit 2; }
+done
 start=$(date +%s)
-NAME=fashion_mnist_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
-REAL=real_fashion_mnist_ipc${IPC}
-echo "== 1/4 prototypes"
-bash distillation/gen_prototype_fashion_mnist.sh
-echo "== 2/4 synthesis"
-bash distillation/gen_syn_image_fashion_mnist.sh
-echo "== 3/4 soft labels (D4M images, then the random-real baseline)"
-"$PYTHON" distillation/sample_real.py --dataset fashion_mnist --data_dir "$DATA_DIR" --ipc "$IPC" --output "$OUT_DIR/syn/$REAL"
-bash matching/matching_fashion_mnist.sh
-bash matching/matching_fashion_mnist.sh --data "$OUT_DIR/syn/$REAL" --fkd-path "$OUT_DIR/fkd/$REAL"
-echo "== 4/4 student training (D4M images, then the random-real baseline)"
-bash validate/train_FKD_fashion_mnist.sh
-bash validate/train_FKD_fashion_mnist.sh --train-dir "$OUT_DIR/syn/$REAL" --fkd-path "$OUT_DIR/fkd/$REAL" \
-    --output-dir "$OUT_DIR/student/$REAL"
+EVALS=()
+for IPC in $IPCS; do
+    export IPC
+    NAME=fashion_mnist_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
+    PROTOTYPES=$OUT_DIR/prototypes/fashion_mnist-ipc${IPC}-kmexpand1.safetensors
+    echo "== IPC $IPC: 1/4 prototypes"
+    bash distillation/gen_prototype_fashion_mnist.sh
+    echo "== IPC $IPC: 2/4 synthesis"
+    bash distillation/gen_syn_image_fashion_mnist.sh
+    echo "== IPC $IPC: 3/4 baselines: $SEEDS random draw(s), the real images nearest to the prototypes"
+    RANDOM_SETS=""
+    for seed in $(seq 0 $(( SEEDS - 1 ))); do
+        SET=$OUT_DIR/syn/real_fashion_mnist_ipc${IPC}_seed$seed
+        [ -e "$SET/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset fashion_mnist --data_dir "$DATA_DIR" \
+            --select random --seed "$seed" --ipc "$IPC" --output "$SET"
+        RANDOM_SETS=${RANDOM_SETS:+$RANDOM_SETS,}$SET
+    done
+    NEAREST=$OUT_DIR/syn/nearest_fashion_mnist_ipc${IPC}
+    [ -e "$NEAREST/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset fashion_mnist --data_dir "$DATA_DIR" \
+        --select nearest --prototype_path "$PROTOTYPES" --output "$NEAREST"
+    echo "== IPC $IPC: 4/4 matching and students ($MODELS; $PROTOCOLS; $SEEDS seed(s))"
+    "$PYTHON" validate/evaluate.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
+        --set "d4m=$OUT_DIR/syn/$NAME" --set "random=$RANDOM_SETS" --set "nearest=$NEAREST" \
+        --models "$MODELS" --protocols "$PROTOCOLS" --seeds "$SEEDS" \
+        --epochs 150 -b 50 --input-size 32 -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/fashion_mnist_ipc$IPC"
+    EVALS+=("$OUT_DIR/eval/fashion_mnist_ipc$IPC")
+done
 "$PYTHON" validate/report.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
-    --d4m-dir "$OUT_DIR/student/$NAME" --real-dir "$OUT_DIR/student/$REAL" \
-    --syn-images "$OUT_DIR/syn/$NAME" --real-images "$OUT_DIR/syn/$REAL" \
-    --prototypes "$OUT_DIR/prototypes/fashion_mnist-ipc${IPC}-kmexpand1.safetensors" --ipc "$IPC" \
-    --diffusion_checkpoints_path "$SD_MODEL" \
-    --output-json "$OUT_DIR/results_fashion_mnist.json" --figure "$FIGURE" \
-    --seconds $(( $(date +%s) - start ))
+    --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_fashion_mnist.json" \
+    --curve "$MISC/fashion_mnist_ipc_curve.png" --models-figure "$MISC/fashion_mnist_models.png" \
+    --figure "$MISC/fashion_mnist_d4m.png" --syn-images "$OUT_DIR/syn/$NAME" \
+    --real-images "$OUT_DIR/syn/real_fashion_mnist_ipc${IPC}_seed0" --prototypes "$PROTOTYPES" \
+    --diffusion_checkpoints_path "$SD_MODEL" --seconds $(( $(date +%s) - start ))
 echo "whole chain: $(( $(date +%s) - start )) s"

@@ -14,9 +14,10 @@ SCRIPT = "validate/evaluate.py"
 
 def test_one_command_gives_every_row_and_score(tmp_path, capsys):
     data, teacher = tiny_setup(tmp_path)
-    random_set = make_image_folder(tmp_path / "random", classes=3, per_class=4, size=32, seed=7) / "train"
+    random_sets = [make_image_folder(tmp_path / f"random{k}", classes=3, per_class=4, size=32, seed=7 + k) / "train"
+                   for k in range(2)]  # one draw per seed
     out = tmp_path / "eval"
-    argv = ["--set", f"d4m={data / 'train'}", "--set", f"random={random_set}", "--val-dir", data / "val",
+    argv = ["--set", f"d4m={data / 'train'}", "--set", f"random={random_sets[0]},{random_sets[1]}", "--val-dir", data / "val",
             "--teacher-path", teacher, "--models", "convnet", "--protocols", "fkd,hard,online", "--seeds", 2,
             "--epochs", 2, "--batch-size", 5, "--input-size", 32, "-j", 0, "--device", "cpu", "--no-label-check",
             "--real-hard-top1", 50, "--output", out]
@@ -34,6 +35,7 @@ def test_one_command_gives_every_row_and_score(tmp_path, capsys):
                                                          - rows[("random", protocol)]["top1_mean"])
     assert score["hlr"] == pytest.approx(50 - rows[("d4m", "hard")]["top1_mean"])
     assert (out / "fkd" / "d4m" / "meta.json").is_file() and (out / "d4m" / "convnet" / "hard" / "seed1").is_dir()
+    assert (out / "fkd" / "random1" / "meta.json").is_file()  # each draw of the random baseline has its store
     table = (out / "results.md").read_text()
     assert "| d4m | convnet | fkd | 4 |" in table and "ior_hard" in table
     capsys.readouterr()
@@ -48,6 +50,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         "write NAME=FOLDER": ["--set", "d4m", "--teacher-path", teacher],
         "is not a folder": ["--set", f"d4m={tmp_path / 'none'}", "--teacher-path", teacher],
         "need a teacher": ["--set", f"d4m={data / 'train'}"],
+        "one per seed (3)": ["--set", f"d4m={data / 'train'},{data / 'val'}", "--teacher-path", teacher, "--seeds", 3],
         "unknown protocol 'soft'": ["--set", f"d4m={data / 'train'}", "--teacher-path", teacher, "--protocols", "soft"],
         "label check": ["--set", f"d4m={data / 'train'}", "--teacher-path", teacher, "--epochs", 1, "-b", 5,
                         "--input-size", 32, "-j", 0],

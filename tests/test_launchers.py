@@ -279,15 +279,39 @@ def test_run_all_fashion_mnist_writes_only_under_out_dir(recorder, tmp_path):
     argvs = recorded(log)
     assert [argv[0] for argv in argvs] == [
         "distillation/gen_prototype.py", "distillation/gen_syn_image.py", "distillation/sample_real.py",
-        "matching/generate_soft_label.py", "matching/generate_soft_label.py", "validate/train_FKD.py",
-        "validate/train_FKD.py", "validate/report.py"]
-    report = argvs[-1]
+        "distillation/sample_real.py", "validate/evaluate.py", "validate/report.py"]
+    evaluate, report = argvs[-2:]
+    assert flag(evaluate, "--data-dir") == "/d" and flag(evaluate, "--teacher-path") == "/t.pt"
+    assert [v for k, v in zip(evaluate, evaluate[1:]) if k == "--set"] == [
+        "d4m=/o/syn/fashion_mnist_ipc10_10_s0.7_g8.0_kmexpand1", "random=/o/syn/real_fashion_mnist_ipc10_seed0",
+        "nearest=/o/syn/nearest_fashion_mnist_ipc10"]
     assert flag(report, "--data-dir") == "/d" and flag(report, "--teacher-path") == "/t.pt"
-    assert flag(report, "--diffusion_checkpoints_path") == "/sd"
+    assert flag(report, "--diffusion_checkpoints_path") == "/sd" and flag(report, "--evals") == "/o/eval/fashion_mnist_ipc10"
     assert (flag(report, "--output-json"), flag(report, "--figure")) == ("/o/results_fashion_mnist.json",
                                                                           "/o/fashion_mnist_d4m.png")
-    paths = [value for argv in argvs for value in argv if "/" in value and not value.endswith(".py")]
+    values = [value.partition("=")[2] if "=" in value else value for argv in argvs for value in argv]  # NAME=FOLDERS
+    paths = [p for value in values for p in value.split(",") if "/" in p and not p.endswith(".py")]
     assert all(p.startswith(("/d", "/o", "/sd", "/t.pt", "distillation/label-prompt/")) for p in paths), paths
+
+
+def test_run_all_fashion_mnist_loops_over_ipcs_and_seeds(recorder, tmp_path):
+    python, log = recorder
+    env = launcher_env(PYTHON=python, ARGV_LOG=log, OUT_DIR="/o", IPCS="1 2", SEEDS=2, MODELS="convnet,resnet18",
+                       PROTOCOLS="fkd,online")
+    assert run_bash("run_all.sh", env, tmp_path).returncode == 0
+    argvs = recorded(log)
+    evaluations = [argv for argv in argvs if argv[0] == "validate/evaluate.py"]
+    assert [flag(argv, "--output") for argv in evaluations] == ["/o/eval/fashion_mnist_ipc1", "/o/eval/fashion_mnist_ipc2"]
+    assert flag(evaluations[0], "--models") == "convnet,resnet18" and flag(evaluations[0], "--protocols") == "fkd,online"
+    assert flag(evaluations[1], "--seeds") == "2" and "random=/o/syn/real_fashion_mnist_ipc2_seed0," \
+        "/o/syn/real_fashion_mnist_ipc2_seed1" in evaluations[1]
+    draws = [argv for argv in argvs if argv[0] == "distillation/sample_real.py" and flag(argv, "--select") == "random"]
+    assert [(flag(a, "--ipc"), flag(a, "--seed")) for a in draws] == [("1", "0"), ("1", "1"), ("2", "0"), ("2", "1")]
+    report = argvs[-1]
+    assert report[report.index("--evals") + 1:report.index("--evals") + 3] == [
+        "/o/eval/fashion_mnist_ipc1", "/o/eval/fashion_mnist_ipc2"]
+    bad = run_bash("run_all.sh", launcher_env(PYTHON=python, ARGV_LOG=log, SEEDS="x"), tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: IPCS and SEEDS take positive integers")
 
 
 def test_run_all_unknown_dataset(tmp_path):

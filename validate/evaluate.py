@@ -41,8 +41,9 @@ RDED_LR = {"mobilenet_v2": 0.0025, "efficientnet_b0": 0.002, "vgg11": 0.0005, "a
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", action="append", required=True, metavar="NAME=FOLDER",
-                   help="an image set (ImageFolder) to evaluate, e.g. d4m=..., random=..., nearest=...")
+    p.add_argument("--set", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
+                   help="an image set (ImageFolder) to evaluate, e.g. d4m=..., random=..., nearest=...; several "
+                        "folders (one per seed: random draws with other sampling seeds) train one student each")
     p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
     p.add_argument("--data-dir", default=None, help="the dataset's folder (its validation split)")
     p.add_argument("--val-dir", default=None, help="a real validation ImageFolder (with --dataset imagefolder)")
@@ -82,16 +83,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("protocols fkd and online need a teacher: --teacher-path or -a")
     if args.seeds < 1 or args.nproc < 1:
         raise UsageError("--seeds and --nproc must be positive")
+    for name, folders in args.sets.items():
+        if len(folders) not in (1, args.seeds):
+            raise UsageError(f"--set {name} names {len(folders)} folders; give one, or one per seed ({args.seeds})")
     return args
 
 
-def parse_set(text: str) -> tuple[str, Path]:
-    name, sep, folder = text.partition("=")
-    if not sep or not name or not folder:
+def parse_set(text: str) -> tuple[str, list[Path]]:
+    name, sep, folders = text.partition("=")
+    if not sep or not name or not folders:
         raise UsageError(f"--set {text!r}: write NAME=FOLDER")
-    if not Path(folder).is_dir():
-        raise UsageError(f"--set {name}: {folder} is not a folder")
-    return name, Path(folder)
+    for folder in folders.split(","):
+        if not Path(folder).is_dir():
+            raise UsageError(f"--set {name}: {folder} is not a folder")
+    return name, [Path(folder) for folder in folders.split(",")]
 
 
 def run(script: Path, argv: list, log: Path, nproc: int) -> None:
@@ -126,7 +131,7 @@ def validation_flags(args: argparse.Namespace) -> list:
 
 
 def match(args: argparse.Namespace, name: str, folder: Path) -> Path:
-    """The set's soft-label store (made once; a rerun resumes or reuses it)."""
+    """The folder's soft-label store (made once; a rerun resumes or reuses it)."""
     store = Path(args.output) / "fkd" / name
     argv = ["--data", folder, "--fkd-path", store, *teacher_flags(args), "-b", args.batch_size, "--epochs",
             args.epochs, "--input-size", args.input_size, "--mix-type", args.mix_type, "-j", args.workers,
@@ -150,7 +155,8 @@ def rded_recipe(model: str, ipc: int, classes: int, mix_type: str) -> dict:
 
 
 def train(args: argparse.Namespace, name: str, folder: Path, model: str, protocol: str, store: Path | None,
-          ipc: int, classes: int) -> dict:
+          ipc: int, classes: int, seeds: int, first_seed: int) -> list[float]:
+    """The final top-1 of each student trained on `folder`."""
     out = Path(args.output) / name / model / protocol
     recipe = {"--batch-size": args.batch_size, "--adamw-lr": args.adamw_lr, "-T": args.temperature,
               "--lr-schedule": "cosine"}
@@ -159,7 +165,7 @@ def train(args: argparse.Namespace, name: str, folder: Path, model: str, protoco
     argv = ["--train-dir", folder, "--output-dir", out, "--model", model, "--protocol", protocol,
             "--epochs", args.epochs, "--input-size", args.input_size, "--adamw-weight-decay", args.adamw_weight_decay,
             "--gradient-accumulation-steps", args.gradient_accumulation_steps, "--mix-type", args.mix_type,
-            "--seeds", args.seeds, "-j", args.workers, *[v for pair in recipe.items() for v in pair],
+            "--seeds", seeds, "--seed", first_seed, "-j", args.workers, *[v for pair in recipe.items() for v in pair],
             *validation_flags(args), *device_flags(args)]
     if protocol == "fkd":
         argv += ["--fkd-path", store]
@@ -170,10 +176,14 @@ def train(args: argparse.Namespace, name: str, folder: Path, model: str, protoco
     if any(out.glob("**/checkpoint.pth.tar")):
         argv.append("--resume")  # a finished run is read back, an interrupted one continues
     run(TRAIN, argv, Path(args.output) / "logs" / f"train_{name}_{model}_{protocol}.log", args.nproc)
-    result = json.loads((out / "results.json").read_text())
-    return {"method": name, "model": model, "protocol": protocol, "ipc": ipc,
-            "runs": [r["top1"] for r in result["runs"]], "top1_mean": result["top1_mean"],
-            "top1_std": result["top1_std"]}
+    return [r["top1"] for r in json.loads((out / "results.json").read_text())["runs"]]
+
+
+def row(name: str, model: str, protocol: str, ipc: int, runs: list[float]) -> dict:
+    mean = sum(runs) / len(runs)
+    std = math.sqrt(sum((v - mean) ** 2 for v in runs) / (len(runs) - 1)) if len(runs) > 1 else 0.0
+    return {"method": name, "model": model, "protocol": protocol, "ipc": ipc, "runs": runs, "top1_mean": mean,
+            "top1_std": std}
 
 
 def real_hard_top1(args: argparse.Namespace, model: str) -> float | None:
@@ -228,15 +238,19 @@ def markdown(rows: list[dict], score_rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rows = []
-    for name, folder in args.sets.items():
-        data = ImageFolderDataset(folder)
+    for name, folders in args.sets.items():
+        data = ImageFolderDataset(folders[0])
         classes, ipc = len(data.classes), len(data.samples) // len(data.classes)
-        store = match(args, name, folder) if "fkd" in args.protocols else None
+        # one folder: every seed trains on it; one per seed: seed k trains on folder k (its own store)
+        parts = [(name, folders[0], args.seeds, 0)] if len(folders) == 1 else \
+                [(f"{name}{k}", folder, 1, k) for k, folder in enumerate(folders)]
+        stores = {part: match(args, part, folder) if "fkd" in args.protocols else None for part, folder, _, _ in parts}
         for model in args.models:
             for protocol in args.protocols:
-                row = train(args, name, folder, model, protocol, store, ipc, classes)
-                rows.append(row)
-                print(f"{name} {model} {protocol}: top-1 {row['top1_mean']:.2f} ± {row['top1_std']:.2f} "
+                runs = [top1 for part, folder, seeds, first in parts
+                        for top1 in train(args, part, folder, model, protocol, stores[part], ipc, classes, seeds, first)]
+                rows.append(row(name, model, protocol, ipc, runs))
+                print(f"{name} {model} {protocol}: top-1 {rows[-1]['top1_mean']:.2f} ± {rows[-1]['top1_std']:.2f} "
                       f"({args.seeds} seed{'s' if args.seeds > 1 else ''})", flush=True)
     score_rows = scores(args, rows)
     out = Path(args.output)

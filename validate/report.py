@@ -1,8 +1,12 @@
-"""Results of a whole D4M chain: a table (Markdown + JSON) and a picture of the distilled set.
+"""The report of an evaluation: one table (Markdown + JSON), accuracy against IPC, the architectures, the set.
 
-The table holds, on the real test set: the D4M student, the same training on random real images
-(the baseline), and the teacher trained on all the data (evaluated here). The picture has one row per
-class: decoded prototypes | synthetic images | real images.
+Reads the folders of validate/evaluate.py (one per IPC) and writes:
+  --output-json  every row (method, model, protocol, ipc, runs, top1_mean, top1_std), the scores against random
+                 real, and the teacher's own top-1 on the real test set (evaluated here);
+  --curve        top-1 against IPC with one standard deviation as error bars, one line per method and protocol
+                 (the first architecture), the teacher as a dashed line;
+  --models-figure  the architectures as a table image (when the evaluation trained more than one);
+  --figure       one row per class: decoded prototypes | synthetic images | real images (with --prototypes).
 """
 from __future__ import annotations
 
@@ -21,33 +25,41 @@ from d4m.models import load_teacher_file
 from d4m.prototypes import PrototypeFile
 from d4m.runtime import UsageError, atomic_path, cli
 
-CELL = 64  # pixels per image in the picture
+CELL = 64  # pixels per image in the picture of the set
 GAP = 12
+LABELS = {"d4m": "D4M images", "random": "random real", "nearest": "real nearest to the prototypes"}
+PROTOCOL_LABELS = {"fkd": "stored soft labels", "online": "online soft labels", "hard": "hard labels"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--evals", nargs="+", required=True, help="output folders of validate/evaluate.py")
     p.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--teacher-path", required=True)
-    p.add_argument("--d4m-dir", required=True, help="train_FKD output folder of the D4M student")
-    p.add_argument("--real-dir", required=True, help="train_FKD output folder of the random-real student")
-    p.add_argument("--syn-images", required=True, help="the synthetic ImageFolder")
-    p.add_argument("--real-images", required=True, help="the random real ImageFolder")
-    p.add_argument("--prototypes", required=True, help="prototype file of gen_prototype.py")
-    p.add_argument("--diffusion_checkpoints_path", required=True, help="model whose VAE decodes the prototypes")
-    p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--output-json", required=True)
-    p.add_argument("--figure", required=True)
+    p.add_argument("--curve", default=None, help="PNG of top-1 against IPC")
+    p.add_argument("--models-figure", default=None, help="PNG of the architecture table")
+    p.add_argument("--figure", default=None, help="PNG of the distilled set (needs the four options below)")
+    p.add_argument("--syn-images", default=None, help="the synthetic ImageFolder")
+    p.add_argument("--real-images", default=None, help="the random real ImageFolder")
+    p.add_argument("--prototypes", default=None, help="prototype file of gen_prototype.py")
+    p.add_argument("--diffusion_checkpoints_path", default=None, help="model whose VAE decodes the prototypes")
     p.add_argument("--seconds", type=float, default=None, help="wall time of the chain, recorded in the JSON")
     return p.parse_args(argv)
 
 
-def student_result(folder: str) -> dict:
-    path = Path(folder) / "results.json"
-    if not path.is_file():
-        raise UsageError(f"{path} does not exist; run validate/train_FKD.py first")
-    return json.loads(path.read_text())
+def read_evals(folders: list[str]) -> tuple[list[dict], list[dict]]:
+    rows, scores = [], []
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise UsageError(f"{path} does not exist; run validate/evaluate.py first")
+        result = json.loads(path.read_text())
+        ipc = result["rows"][0]["ipc"] if result["rows"] else None
+        rows += result["rows"]
+        scores += [{**score, "ipc": ipc} for score in result["scores"]]
+    return rows, scores
 
 
 @torch.no_grad()
@@ -61,6 +73,67 @@ def teacher_top1(args: argparse.Namespace) -> tuple[float, dict]:
         correct += int((model(images).argmax(1) == labels).sum())
         seen += len(labels)
     return 100.0 * correct / seen, record
+
+
+def label(method: str, protocol: str) -> str:
+    return f"{LABELS.get(method, method)}, {PROTOCOL_LABELS.get(protocol, protocol)}"
+
+
+def curve(rows: list[dict], teacher: float, teacher_arch: str, path: str) -> None:
+    """Top-1 against IPC (log axis) for the first architecture, one line per method and protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = rows[0]["model"]
+    ipcs = sorted({r["ipc"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method, protocol in dict.fromkeys((r["method"], r["protocol"]) for r in rows if r["model"] == model):
+        points = sorted((r["ipc"], r["top1_mean"], r["top1_std"]) for r in rows
+                        if (r["method"], r["protocol"], r["model"]) == (method, protocol, model))
+        x, y, err = zip(*points)
+        style = "-" if protocol != "hard" else ":"
+        ax.errorbar(x, y, yerr=err, fmt="o" + style, capsize=3, label=label(method, protocol))
+    ax.axhline(teacher, color="grey", linestyle="--", label=f"teacher ({teacher_arch}), all training images")
+    ax.set_xscale("log")
+    ax.set_xticks(ipcs, [str(i) for i in ipcs])
+    ax.set_xlabel("images per class (IPC)")
+    ax.set_ylabel("top-1 % on the real test set")
+    ax.set_title(f"{model} students, mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def models_figure(rows: list[dict], path: str) -> None:
+    """The architecture table (largest IPC, soft-label protocols first) as an image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ipc = max(r["ipc"] for r in rows)
+    chosen = [r for r in rows if r["ipc"] == ipc]
+    columns = list(dict.fromkeys((r["method"], r["protocol"]) for r in chosen))
+    models = list(dict.fromkeys(r["model"] for r in chosen))
+    cell = {(r["model"], r["method"], r["protocol"]): f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}" for r in chosen}
+    text = [[cell.get((m, method, protocol), "") for method, protocol in columns] for m in models]
+    fig, ax = plt.subplots(figsize=(2 + 2.2 * len(columns), 0.6 + 0.4 * len(models)), dpi=120)
+    ax.axis("off")
+    table = ax.table(cellText=text, rowLabels=models, colLabels=[label(*c).replace(", ", "\n") for c in columns],
+                     loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.8)
+    ax.set_title(f"top-1 % at IPC {ipc}, mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -83,9 +156,9 @@ def tile(img: Image.Image) -> Image.Image:
 def folder_images(root: str, ipc: int) -> list[list[Image.Image]]:
     data = ImageFolderDataset(root)
     rows: list[list[Image.Image]] = [[] for _ in data.classes]
-    for path, label in data.samples:
-        if len(rows[label]) < ipc:
-            rows[label].append(tile(load_rgb(path)))
+    for path, label_ in data.samples:
+        if len(rows[label_]) < ipc:
+            rows[label_].append(tile(load_rgb(path)))
     return rows
 
 
@@ -112,28 +185,42 @@ def picture(prompts: list[str], protos: torch.Tensor, syn: list, real: list, ipc
     return canvas
 
 
+def markdown(rows: list[dict], teacher: float, teacher_arch: str) -> str:
+    lines = ["| IPC | method | model | protocol | top-1 % (mean ± std) | runs |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["ipc"], r["model"], r["protocol"] == "hard", r["method"])):
+        runs = " / ".join(f"{v:.2f}" for v in r["runs"])
+        lines.append(f"| {r['ipc']} | {LABELS.get(r['method'], r['method'])} | {r['model']} | "
+                     f"{PROTOCOL_LABELS.get(r['protocol'], r['protocol'])} | {r['top1_mean']:.2f} ± "
+                     f"{r['top1_std']:.2f} | {runs} |")
+    lines.append(f"| all | teacher, all training images | {teacher_arch} | hard labels | {teacher:.2f} | |")
+    return "\n".join(lines)
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    d4m, real = student_result(args.d4m_dir), student_result(args.real_dir)
+    rows, scores = read_evals(args.evals)
+    if not rows:
+        raise UsageError("the evaluation folders hold no results")
     top1, record = teacher_top1(args)
-    prompts, protos = decoded_prototypes(args)
-    rows = [
-        {"method": f"D4M student (IPC {args.ipc}, synthetic images)", "top1": d4m["top1"]},
-        {"method": f"Same training on {args.ipc} random real images per class", "top1": real["top1"]},
-        {"method": f"Teacher ({record['arch']}) trained on all {args.dataset} training images", "top1": top1},
-    ]
-    result = {"dataset": args.dataset, "ipc": args.ipc, "rows": rows, "student_model": d4m.get("model"),
-              "epochs": d4m.get("epochs"), "seconds": args.seconds}
+    result = {"dataset": args.dataset, "rows": rows, "scores": scores,
+              "teacher": {"arch": record["arch"], "top1": top1}, "seconds": args.seconds}
     with atomic_path(args.output_json) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
-    image = picture(prompts, protos, folder_images(args.syn_images, args.ipc), folder_images(args.real_images, args.ipc), args.ipc)
-    with atomic_path(args.figure) as tmp:
-        image.save(tmp, format="PNG")
-    print(f"\n| {args.dataset}, real test set | top-1 % |\n|---|---|")
-    for row in rows:
-        print(f"| {row['method']} | {row['top1']:.2f} |")
-    print(f"\ntable: {args.output_json}   picture: {args.figure}")
+    if args.curve:
+        curve(rows, top1, record["arch"], args.curve)
+    if args.models_figure and len({r["model"] for r in rows}) > 1:
+        models_figure(rows, args.models_figure)
+    if args.figure and args.prototypes:
+        ipc = max(r["ipc"] for r in rows)
+        prompts, protos = decoded_prototypes(args)
+        image = picture(prompts, protos, folder_images(args.syn_images, ipc), folder_images(args.real_images, ipc),
+                        ipc)
+        with atomic_path(args.figure) as tmp:
+            image.save(tmp, format="PNG")
+    print(markdown(rows, top1, record["arch"]))
+    written = [p for p in (args.output_json, args.curve, args.figure) if p]
+    print("\nwritten: " + ", ".join(written))
 
 
 if __name__ == "__main__":

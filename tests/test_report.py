@@ -1,0 +1,48 @@
+"""validate/report.py: the table, the accuracy-vs-IPC curve and the architecture table of an evaluation."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import run_script
+from fkd_helpers import tiny_setup
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_eval(folder, ipc: int) -> None:
+    rows = [{"method": method, "model": model, "protocol": protocol, "ipc": ipc, "runs": [ipc + shift, ipc + shift + 1],
+             "top1_mean": ipc + shift + 0.5, "top1_std": 0.7071}
+            for shift, method in ((10, "d4m"), (0, "random")) for model in ("convnet", "resnet18")
+            for protocol in ("fkd", "hard")]
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"rows": rows, "scores": [{"method": "d4m", "ior_fkd": 10.0}]}))
+
+
+def test_report_writes_table_curve_and_architectures(tmp_path, capsys):
+    data, teacher = tiny_setup(tmp_path)
+    for ipc in (1, 10):
+        write_eval(tmp_path / f"eval{ipc}", ipc)
+    out = tmp_path / "report"
+    argv = ["--dataset", "imagefolder", "--data-dir", data, "--teacher-path", teacher,
+            "--evals", tmp_path / "eval1", tmp_path / "eval10", "--output-json", out / "results.json",
+            "--curve", out / "curve.png", "--models-figure", out / "models.png"]
+    assert run_script("validate/report.py", argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert len(result["rows"]) == 16 and [s["ipc"] for s in result["scores"]] == [1, 10]
+    assert result["teacher"]["arch"] == "convnet" and 0 <= result["teacher"]["top1"] <= 100
+    for picture in ("curve.png", "models.png"):
+        assert Image.open(out / picture).size[0] > 300
+    table = capsys.readouterr().out
+    assert "| 10 | D4M images | convnet | stored soft labels | 20.50 ± 0.71 | 20.00 / 21.00 |" in table
+
+
+def test_missing_evaluation_is_one_line(tmp_path, capsys):
+    data, teacher = tiny_setup(tmp_path)
+    argv = ["--dataset", "imagefolder", "--data-dir", data, "--teacher-path", teacher, "--evals", tmp_path / "none",
+            "--output-json", tmp_path / "r.json"]
+    assert run_script("validate/report.py", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run validate/evaluate.py first" in err[0]
