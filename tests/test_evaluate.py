@@ -18,18 +18,26 @@ def test_one_command_gives_every_row_and_score(tmp_path, capsys):
                    for k in range(2)]  # one draw per seed
     out = tmp_path / "eval"
     argv = ["--set", f"d4m={data / 'train'}", "--set", f"random={random_sets[0]},{random_sets[1]}", "--val-dir", data / "val",
-            "--teacher-path", teacher, "--models", "convnet", "--protocols", "fkd,hard,online", "--seeds", 2,
+            "--teacher-path", teacher, "--models", "convnet,resnet18_modified", "--protocols", "fkd,hard,online",
+            "--seeds", 2,
             "--epochs", 2, "--batch-size", 5, "--input-size", 32, "-j", 0, "--device", "cpu", "--no-label-check",
             "--real-hard-top1", 50, "--output", out]
     assert run_script(SCRIPT, argv) == 0
     result = json.loads((out / "results.json").read_text())
-    rows = {(r["method"], r["protocol"]): r for r in result["rows"]}
+    assert {r["model"] for r in result["rows"]} == {"convnet", "resnet18_modified"}
+    rows = {(r["method"], r["protocol"]): r for r in result["rows"] if r["model"] == "convnet"}
     assert set(rows) == {(m, p) for m in ("d4m", "random") for p in ("fkd", "hard", "online")}
-    for row in rows.values():
-        assert row["model"] == "convnet" and row["ipc"] == 4 and len(row["runs"]) == 2
+    for row in result["rows"]:
+        assert row["ipc"] == 4 and len(row["runs"]) == 2
         assert row["top1_mean"] == pytest.approx(sum(row["runs"]) / 2)
         assert row["top1_std"] == pytest.approx(abs(row["runs"][0] - row["runs"][1]) / 2 ** 0.5)
-    (score,) = result["scores"]
+    score = next(s for s in result["scores"] if (s["method"], s["model"]) == ("d4m", "convnet"))
+    assert [(s["method"], s["model"]) for s in result["scores"]] == [
+        (m, a) for m in ("d4m", "random") for a in ("convnet", "resnet18_modified")]
+    random_score = next(s for s in result["scores"] if (s["method"], s["model"]) == ("random", "convnet"))
+    assert "ior_fkd" not in random_score
+    assert random_score["kept"] == pytest.approx(100 * rows[("random", "hard")]["top1_mean"]
+                                                 / rows[("random", "fkd")]["top1_mean"])
     for protocol in ("fkd", "hard", "online"):
         assert score[f"ior_{protocol}"] == pytest.approx(rows[("d4m", protocol)]["top1_mean"]
                                                          - rows[("random", protocol)]["top1_mean"])
@@ -37,7 +45,8 @@ def test_one_command_gives_every_row_and_score(tmp_path, capsys):
     assert (out / "fkd" / "d4m" / "meta.json").is_file() and (out / "d4m" / "convnet" / "hard" / "seed1").is_dir()
     assert (out / "fkd" / "random1" / "meta.json").is_file()  # each draw of the random baseline has its store
     table = (out / "results.md").read_text()
-    assert "| d4m | convnet | fkd | 4 |" in table and "ior_hard" in table
+    assert "| d4m | convnet | fkd | 4 |" in table and "| random | resnet18_modified | hard | 4 |" in table
+    assert "ior_hard" in table
     capsys.readouterr()
     assert run_script(SCRIPT, argv) == 0  # a rerun reads the finished runs back
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]

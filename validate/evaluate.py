@@ -197,24 +197,23 @@ def real_hard_top1(args: argparse.Namespace, model: str) -> float | None:
 
 
 def scores(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
-    """Per set (but `random`) and architecture: improvement over random real under each protocol, the hard-label
-    recovery, and how much of the soft-label improvement the images keep with hard labels."""
+    """Per set and architecture: the improvement over random real under each protocol (not for `random` itself),
+    the hard-label recovery, and the share of its soft-label top-1 the set keeps with hard labels."""
     mean = {(r["method"], r["model"], r["protocol"]): r["top1_mean"] for r in rows}
     out = []
     for name in args.sets:
-        if name == "random":
-            continue
         for model in args.models:
             row = {"method": name, "model": model}
             for protocol in args.protocols:
-                if (name, model, protocol) in mean and ("random", model, protocol) in mean:
+                if name != "random" and (name, model, protocol) in mean and ("random", model, protocol) in mean:
                     row[f"ior_{protocol}"] = mean[(name, model, protocol)] - mean[("random", model, protocol)]
+            hard = mean.get((name, model, "hard"))
             real = real_hard_top1(args, model)
-            if (name, model, "hard") in mean and real is not None:
-                row["hlr"] = real - mean[(name, model, "hard")]
-            soft = row.get("ior_fkd", row.get("ior_online"))
-            if "ior_hard" in row and soft is not None and soft > 0:
-                row["kept"] = row["ior_hard"] / soft
+            if hard is not None and real is not None:
+                row["hlr"] = real - hard
+            soft = mean.get((name, model, "fkd"), mean.get((name, model, "online")))
+            if hard is not None and soft:
+                row["kept"] = 100 * hard / soft
             out.append(row)
     return out
 
