@@ -28,6 +28,8 @@ from d4m.runtime import UsageError, atomic_path, cli
 CELL = 64  # pixels per image in the picture of the set
 GAP = 12
 LABELS = {"d4m": "D4M images", "random": "random real", "nearest": "real nearest to the prototypes"}
+COLOURS = {"d4m": "tab:blue", "random": "tab:orange", "nearest": "tab:green"}
+MARKERS = {"fkd": "o", "online": "s", "hard": "^"}
 PROTOCOL_LABELS = {"fkd": "stored soft labels", "online": "online soft labels", "hard": "hard labels"}
 
 
@@ -93,8 +95,8 @@ def curve(rows: list[dict], teacher: float, teacher_arch: str, path: str) -> Non
         points = sorted((r["ipc"], r["top1_mean"], r["top1_std"]) for r in rows
                         if (r["method"], r["protocol"], r["model"]) == (method, protocol, model))
         x, y, err = zip(*points)
-        style = "-" if protocol != "hard" else ":"
-        ax.errorbar(x, y, yerr=err, fmt="o" + style, capsize=3, label=label(method, protocol))
+        ax.errorbar(x, y, yerr=err, fmt=MARKERS.get(protocol, "o") + ("-" if protocol != "hard" else ":"),
+                    color=COLOURS.get(method), capsize=3, label=label(method, protocol))
     ax.axhline(teacher, color="grey", linestyle="--", label=f"teacher ({teacher_arch}), all training images")
     ax.set_xscale("log")
     ax.set_xticks(ipcs, [str(i) for i in ipcs])
