@@ -19,6 +19,10 @@ from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed,
 from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
 
 
+RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
+                  "nearest": Image.NEAREST}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch_size", type=int, default=10, help="images per pipeline call (across classes)")
@@ -35,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="image j of class c uses noise seeded by (seed, c, j)")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--image_size", type=int, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--resize_filter", default="bicubic", choices=tuple(RESIZE_FILTERS),
+                        help="PIL filter of the resize to --image_size (bicubic: PIL's default, as the original saved)")
     parser.add_argument("--negative_prompt", type=str, default="cartoon, anime, painting")
     parser.add_argument("--safety_checker", action="store_true", help="load and apply the checkpoint's safety checker")
     parser.add_argument("--dtype", type=str, default="auto", choices=("auto", *DTYPES),
@@ -99,9 +105,9 @@ class ClassPrototypes:
         return self.tensor[index // self.repeats]
 
 
-def save_image(image: Image.Image, path: Path, size: int) -> None:
+def save_image(image: Image.Image, path: Path, size: int, resize_filter: str) -> None:
     with atomic_path(path) as tmp:
-        image.resize((size, size), Image.BILINEAR).save(tmp, format="PNG")
+        image.resize((size, size), RESIZE_FILTERS[resize_filter]).save(tmp, format="PNG")
 
 
 def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: list[str], jobs: list[Job],
@@ -126,7 +132,7 @@ def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: l
             for future in done:
                 future.result()  # a failed write stops the run here
             pending = [f for f in pending if f not in done]
-            pending += [writers.submit(save_image, image, path, args.image_size)
+            pending += [writers.submit(save_image, image, path, args.image_size, args.resize_filter)
                         for image, (_, _, path) in zip(images, batch)]
             bar.update(len(batch))
         for future in pending:

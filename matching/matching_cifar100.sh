@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Stage 3 for CIFAR-100: training-time matching, soft labels of a ConvNet teacher for
-# every augmented view of the images of gen_syn_image_cifar100.sh (300 epochs, batch 1024, CutMix);
+# every augmented view of the images of gen_syn_image_cifar100.sh (RDED's recipe, below);
 # writes $OUT_DIR/fkd/cifar100_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/. Resumes an interrupted run.
 # Before matching, the label check scores the teacher on the images and on DATA_DIR's validation split.
+# Recipe: RDED's validation settings for this dataset (Sun et al., "On the Diversity and Realism of
+# Distilled Dataset", CVPR 2024; github.com/LINs-lab/RDED, argument.py), which scale the batch with the
+# set: BATCH images (10 at IPC 1, 50 up to IPC 10, 100 above, twice that for its 100 classes, at
+# most the set), 300 epochs, CutMix, T 20, AdamW lr 1e-3, weight decay 0.01, a half cosine. Matching and training share BATCH.
 # Environment, shared by the four CIFAR-100 launchers (same names, same defaults); this one reads:
 #   DATA_DIR  the dataset's folder, for the label check (default data/cifar100)
 #   TEACHER   teacher file of matching/train_teacher.py (default models/cifar100/teacher_convnet.pt)
@@ -25,13 +29,16 @@ if [ -n "${NPROC:-}" ]; then
     [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
     RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC")
 fi
+case $IPC in 1) BATCH=10 ;; [2-9]|10) BATCH=50 ;; *) BATCH=100 ;; esac  # RDED: by IPC
+BATCH=$(( BATCH * 2 ))  # RDED: twice that for 100 classes
+BATCH=$(( BATCH < IPC * 100 ? BATCH : IPC * 100 ))  # at most the whole set
 NAME=cifar100_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
 "${RUN[@]}" matching/generate_soft_label.py \
     --data "$OUT_DIR/syn/$NAME" \
     --fkd-path "$OUT_DIR/fkd/$NAME" \
     --dataset cifar100 --data-dir "$DATA_DIR" \
     --teacher-path "$TEACHER" \
-    -b 1024 \
+    -b "$BATCH" \
     --epochs 300 \
     --input-size 32 \
     --use-fp16 \

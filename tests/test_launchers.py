@@ -314,6 +314,20 @@ def test_run_all_fashion_mnist_loops_over_ipcs_and_seeds(recorder, tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: IPCS and SEEDS take positive integers")
 
 
+@pytest.mark.parametrize("dataset,expected", [("cifar10", {1: 10, 10: 50, 50: 100}),
+                                              ("cifar100", {1: 20, 10: 100, 50: 200}),
+                                              ("tiny_imagenet", {1: 100, 10: 100, 50: 100})])
+def test_small_dataset_recipes_scale_the_batch_with_ipc(recorder, tmp_path, dataset, expected):
+    """RDED's batch sizes by IPC, shared by matching and training (a store's batch must equal training's)."""
+    python, log = recorder
+    for ipc, batch in expected.items():
+        for script in (f"matching/matching_{dataset}.sh", f"validate/train_FKD_{dataset}.sh"):
+            assert run_bash(script, launcher_env(PYTHON=python, ARGV_LOG=log, IPC=ipc), tmp_path).returncode == 0
+        matching, training = recorded(log)[-2:]
+        assert flag(matching, "-b") == flag(training, "--batch-size") == str(batch), (ipc, matching, training)
+        assert flag(training, "--lr-schedule") == "half-cosine" and flag(training, "--epochs") == "300"
+
+
 def test_run_all_unknown_dataset(tmp_path):
     run = run_bash("run_all.sh", launcher_env(), tmp_path, "mnist")
     assert run.returncode == 2

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Stage 4 for CIFAR-10: a convnet student trained from scratch on the images and soft labels
-# of stages 2 and 3 (300 epochs, cosine, T 20, AdamW lr 1e-3 wd 0.01), validated on the real
+# of stages 2 and 3 (RDED's recipe, below), validated on the real
 # validation split of DATA_DIR; writes $OUT_DIR/student/cifar10_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/.
+# Recipe: RDED's validation settings for this dataset (Sun et al., "On the Diversity and Realism of
+# Distilled Dataset", CVPR 2024; github.com/LINs-lab/RDED, argument.py), which scale the batch with the
+# set: BATCH images (10 at IPC 1, 50 up to IPC 10, 100 above, at most the set), 300 epochs,
+# CutMix, T 20, AdamW lr 1e-3, weight decay 0.01, a half cosine. Matching and training share BATCH.
 # Environment, shared by the four CIFAR-10 launchers (same names, same defaults); this one reads:
 #   DATA_DIR  the dataset's folder (default data/cifar10)
 #   SEEDS     students trained, seeds 0 .. SEEDS-1, summarised as mean and std (default 1)
@@ -25,6 +29,8 @@ if [ -n "${NPROC:-}" ]; then
     [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
     RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC")
 fi
+case $IPC in 1) BATCH=10 ;; [2-9]|10) BATCH=50 ;; *) BATCH=100 ;; esac  # RDED: by IPC
+BATCH=$(( BATCH < IPC * 10 ? BATCH : IPC * 10 ))  # at most the whole set
 NAME=cifar10_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
 "${RUN[@]}" validate/train_FKD.py \
     --train-dir "$OUT_DIR/syn/$NAME" \
@@ -32,11 +38,10 @@ NAME=cifar10_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
     --output-dir "$OUT_DIR/student/$NAME" \
     --dataset cifar10 --data-dir "$DATA_DIR" \
     --model convnet \
-    --batch-size 1024 \
+    --batch-size "$BATCH" \
     --epochs 300 \
-    --gradient-accumulation-steps 2 \
     --input-size 32 \
-    --cos \
+    --lr-schedule half-cosine \
     -T 20 \
     --adamw-lr 0.001 \
     --adamw-weight-decay 0.01 \
