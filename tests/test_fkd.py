@@ -159,3 +159,55 @@ def test_host_cache_holds_every_image_at_its_own_size(tmp_path):
     assert images.data.nbytes == views.HostImages.nbytes_of(sizes) == (24 + 18 + 9) * 3
     assert all(np.array_equal(images.image(i), picture) for i, picture in enumerate(pictures))
     assert views.describe_cache(sizes, 1) == "image cache 3 images, 0.00 GB of host memory"
+
+
+def test_both_paths_equal_torchvision_resized_crop_of_the_same_box(tmp_path):
+    """An independent reference: torchvision's resized_crop (+ hflip) on each view's pixel box. The PIL path is
+    PIL's own resize of the box (exactly torchvision's on a PIL image); the tensor path is within one 8-bit level."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    data = ImageFolderDataset(make_image_folder(tmp_path, 3, 4, 40) / "train")
+    paths = [p for p, _ in data.samples]
+    sizes = views.image_sizes(paths)
+    plan = fkd.draw_epoch(7, 0, sizes, 5, 32, "cutmix", 0.8, 1.0, (0.08, 1.0))
+    specs = [fkd.job_spec(plan, fkd.make_job(plan, b)) for b in range(plan.num_batches)]
+    got = {loader: torch.cat(list(views.iterate_views(views.build_source(loader, paths, sizes, 32, 0), specs, 0,
+                                                      torch.device("cpu"))))
+           for loader in views.LOADERS}
+    rows = 0
+    for index, crops, flips in specs:
+        boxes = views.pixel_boxes(crops, torch.from_numpy(sizes[index.numpy()]))
+        for i, (top, left, h, w), flip in zip(index.tolist(), boxes.tolist(), flips.tolist()):
+            image = Image.open(paths[i]).convert("RGB")
+            ref = TF.resized_crop(image, top, left, h, w, [32, 32], InterpolationMode.BILINEAR)
+            ref = TF.to_tensor(TF.hflip(ref) if flip else ref)
+            assert torch.equal(got["pil"][rows], ref)
+            assert float((got["tensor"][rows] - ref).abs().max()) <= 1 / 255 + 1e-6
+            rows += 1
+    assert rows == len(got["tensor"]) == 12
+
+
+def test_mixes_follow_the_original_formulas():
+    """CutMix pastes the partner's box into each image, MixUp blends lam and 1 - lam, written out here as the
+    original's batch code does them; and a CutMix box is the original's rand_bbox for the same draws."""
+    plan = plan_for(n=10, mix="cutmix")
+    batch = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    job = fkd.make_job(plan, 0)
+    perm = plan.perm[:5]
+    y1, x1, y2, x2 = plan.box[0].tolist()
+    expected = batch.clone()
+    expected[:, :, y1:y2, x1:x2] = batch[perm][:, :, y1:y2, x1:x2]
+    assert torch.equal(fkd.mix_rows(batch, plan, job, "cutmix"), expected)
+    mixup = plan_for(n=10, mix="mixup")
+    lam = float(mixup.lam[0])
+    torch.testing.assert_close(fkd.mix_rows(batch, mixup, fkd.make_job(mixup, 0), "mixup"),
+                               lam * batch + (1 - lam) * batch[mixup.perm[:5]])
+    for seed, lam in ((0, 0.3), (1, 0.9), (2, 0.01)):
+        rng = np.random.default_rng(seed)
+        cut = int(32 * np.sqrt(1.0 - lam))  # the original: cut_rat = sqrt(1 - lam), side = int(size * cut_rat)
+        reference_rng = np.random.default_rng(seed)
+        cy, cx = int(reference_rng.integers(32)), int(reference_rng.integers(32))
+        expected_box = [int(np.clip(cy - cut // 2, 0, 32)), int(np.clip(cx - cut // 2, 0, 32)),
+                        int(np.clip(cy + cut // 2, 0, 32)), int(np.clip(cx + cut // 2, 0, 32))]
+        assert fkd.cutmix_box(rng, lam, 32) == expected_box
