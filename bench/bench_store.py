@@ -1,4 +1,4 @@
-"""Benchmark: soft-label store bytes per epoch, full fp16 logits (the original's content) vs top-K.
+"""Benchmark: soft-label store bytes per epoch, full fp16 logits (the original's content) vs 8-bit rows and top-K.
 
 Writes one real epoch file through d4m.fkd.write_epoch for each setting and reports its size on disk,
 with the plan (order, crops, flips, mix) included in every figure.
@@ -39,10 +39,11 @@ def main() -> None:
     print(f"{args.images} images, {args.classes} classes, batch {args.batch_size}; sizes of one epoch file")
     print(f"{'soft labels':18} {'MB/epoch':>10} {f'GB/{args.epochs} ep':>12} {'vs full':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        settings = [("full fp16", None)] + [(f"top-{k} fp16", k) for k in args.topk]
+        settings = [("full fp16", None, False), ("8-bit rows", None, True)] + [(f"top-{k} fp16", k, False)
+                                                                              for k in args.topk]
         full = None
-        for name, k in settings:
-            fkd.write_epoch(tmp, 0, plan, logits, k)
+        for name, k, int8 in settings:
+            fkd.write_epoch(tmp, 0, plan, logits, k, int8)
             size = Path(fkd.epoch_file(tmp, 0)).stat().st_size
             full = full or size
             print(f"{name:18} {size / 1e6:10.2f} {size * args.epochs / 1e9:12.2f} {full / size:8.1f}x")

@@ -15,7 +15,8 @@ normalisation and mixing are then applied batched on the device, identically for
 
 Soft-label store (a directory): `meta.json` and `epoch_XXXX.safetensors` per epoch holding the plan (stored
 compactly: order int32, crops float32, which still gives back the exact pixel boxes, perm int16) and either
-full teacher logits [N,C] or, with top-K, the K largest logits (`topk_values`), their class indices bit-packed
+full teacher logits [N,C], or 8-bit logits with a minimum and step per row (`logits_q`, `logits_min`,
+`logits_step`: half the bytes of fp16, every logit within 1/510 of its row's range), or, with top-K, the K largest logits (`topk_values`), their class indices bit-packed
 at ceil(log2 C) bits each (`topk_indices`, uint8; 10 bits for 1000 classes instead of 16) and the mean of
 the other C-K logits (`rest_mean`). The target is
 rebuilt by scattering the top-K into a row filled with that mean: the tail then keeps about the right
@@ -286,12 +287,30 @@ def compact_plan(plan: EpochPlan) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Tensor, topk: Optional[int]) -> None:
+def quantize_rows(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each row as 8-bit steps between its own minimum and maximum: `logits_q` uint8 [N,C], `logits_min` and
+    `logits_step` float32 [N]. A logit comes back within half a step, 1/510 of its row's range."""
+    rows = logits.float()
+    low, high = rows.min(1).values, rows.max(1).values
+    step = torch.where(high > low, (high - low) / 255, torch.ones_like(low))
+    q = ((rows - low[:, None]) / step[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+    return {"logits_q": q, "logits_min": low, "logits_step": step}
+
+
+def dequantize_rows(q: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return low.float()[:, None] + q.float() * step.float()[:, None]
+
+
+def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Tensor, topk: Optional[int],
+                int8: bool = False) -> None:
+    """One epoch file: the plan and the logits, full, top-K (`topk`) or 8-bit per row (`int8`)."""
     tensors = compact_plan(plan)
     if topk:
         parts = topk_compress(logits, topk)
         parts["topk_indices"] = pack_indices(parts["topk_indices"], logits.shape[1])
         tensors.update(parts)
+    elif int8:
+        tensors.update(quantize_rows(logits))
     else:
         tensors["logits"] = logits
     with atomic_path(epoch_file(store, epoch)) as tmp:
@@ -312,6 +331,8 @@ class SoftLabels:
         part = {k: v[start:end].to(device, non_blocking=True) for k, v in self.tensors.items()}
         if "logits" in part:
             return part["logits"].float()
+        if "logits_q" in part:
+            return dequantize_rows(part["logits_q"], part["logits_min"], part["logits_step"])
         return topk_rebuild(part["topk_values"], part["topk_indices"], part["rest_mean"], self.classes)
 
 
@@ -326,6 +347,8 @@ def read_epoch(store: str | Path, epoch: int, meta: dict) -> tuple[EpochPlan, So
     classes = meta["num_classes"]
     if "logits" in tensors:
         return plan, SoftLabels({"logits": tensors["logits"]}, classes)
+    if "logits_q" in tensors:
+        return plan, SoftLabels({k: tensors[k] for k in ("logits_q", "logits_min", "logits_step")}, classes)
     values = tensors["topk_values"]
     indices = unpack_indices(tensors["topk_indices"], values.shape[0], values.shape[1], classes)
     parts = {"topk_values": values, "topk_indices": indices.to(torch.int16 if classes <= 32767 else torch.int32),

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="torch seed (the store depends on --fkd-seed only)")
     p.add_argument("--soft-label-topk", type=int, default=None, help="store only the K largest logits per view")
+    p.add_argument("--soft-label-int8", action="store_true",
+                   help="store every logit in 8 bits between its row's minimum and maximum (half of fp16)")
     p.add_argument("--loader", default="tensor", choices=list(views.LOADERS),
                    help="tensor: decode once into host memory, crop and resize on the device; pil: the original's "
                         "per-image PIL path")
@@ -73,6 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--mixup and --cutmix are Beta parameters and must be positive")
     if args.soft_label_topk is not None and args.soft_label_topk < 1:
         raise UsageError("--soft-label-topk must be at least 1")
+    if args.soft_label_topk and args.soft_label_int8:
+        raise UsageError("--soft-label-topk and --soft-label-int8 are two ways to shrink the store; choose one")
     if args.data_dir and not args.dataset:
         raise UsageError("--data-dir needs --dataset (which of the dataset layouts it holds)")
 
@@ -134,7 +138,8 @@ def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict,
         "teacher": {"arch": record["arch"], "source": record["source"]},
         "mean": list(record["mean"]), "std": list(record["std"]),
         "min_scale": args.min_scale_crops, "max_scale": args.max_scale_crops,
-        "dtype": "float16" if args.use_fp16 else "float32", "topk": topk, "teacher_precision": precision,
+        "dtype": "float16" if args.use_fp16 else "float32", "topk": topk, "int8": args.soft_label_int8,
+        "teacher_precision": precision,
     }
 
 
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
         logits = gather_logits(parts, rank, world)
         if rank == 0:
-            fkd.write_epoch(args.fkd_path, epoch, plan, logits, topk)
+            fkd.write_epoch(args.fkd_path, epoch, plan, logits, topk, args.soft_label_int8)
         barrier()
     if rank == 0:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")

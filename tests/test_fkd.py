@@ -211,3 +211,14 @@ def test_mixes_follow_the_original_formulas():
         expected_box = [int(np.clip(cy - cut // 2, 0, 32)), int(np.clip(cx - cut // 2, 0, 32)),
                         int(np.clip(cy + cut // 2, 0, 32)), int(np.clip(cx + cut // 2, 0, 32))]
         assert fkd.cutmix_box(rng, lam, 32) == expected_box
+
+
+def test_int8_rows_come_back_within_half_a_step():
+    logits = torch.randn(50, 1000, generator=torch.Generator().manual_seed(0)) * 4
+    logits[3] = 2.5  # a constant row
+    parts = fkd.quantize_rows(logits)
+    assert parts["logits_q"].dtype == torch.uint8 and parts["logits_q"].shape == (50, 1000)
+    back = fkd.dequantize_rows(parts["logits_q"], parts["logits_min"], parts["logits_step"])
+    error = (back - logits).abs().max(1).values
+    assert bool((error <= parts["logits_step"] / 2 + 1e-5).all()) and float(error[3]) == 0
+    assert float(parts["logits_step"][0]) == pytest.approx(float(logits[0].max() - logits[0].min()) / 255)

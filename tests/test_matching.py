@@ -94,6 +94,25 @@ def test_topk_store_rebuilds_teacher_top(tiny, tmp_path, device):
         assert torch.allclose(rebuilt, fkd.keep_topk(fresh, 2), atol=1e-6)
 
 
+def test_int8_store_replays_within_half_a_step_and_trains(tiny, tmp_path):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 2, "--mix-type", "cutmix",
+                                        "--soft-label-int8", "--device", "cpu")) == 0
+    raw = load_file(str(fkd.epoch_file(store, 0)))
+    assert raw["logits_q"].dtype == torch.uint8 and "logits" not in raw and fkd.read_meta(store)["int8"] is True
+    meta = fkd.read_meta(store)
+    plan, soft = fkd.read_epoch(store, 0, meta)
+    for b, (fresh, stored) in enumerate(replayed_logits(store, 0, data, teacher, "tensor")):
+        start, end = plan.bounds(b)
+        step = raw["logits_step"][start:end]
+        assert bool(((fresh - stored).abs().max(1).values <= step / 2 + 1e-5).all())
+    train = ["--train-dir", data / "train", "--val-dir", data / "val", "--fkd-path", store, "--output-dir",
+             tmp_path / "out", "--batch-size", 5, "--input-size", 32, "--model", "convnet", "-j", 0, "--epochs", 2,
+             "--device", "cpu"]
+    assert run_script("validate/train_FKD.py", train) == 0
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_resume_after_lost_epoch_gives_identical_file(tiny, tmp_path, device):
     data, teacher = tiny
@@ -140,6 +159,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny, tmp_path, capsys):
         ["--data", data / "train", "-a", "not_a_model", "--fkd-path", store],
         match_args(data, teacher, store, "--min-scale-crops", 0),
         match_args(data, teacher, store, "--amp", "bf16"),
+        match_args(data, teacher, store, "--soft-label-int8", "--soft-label-topk", 2),
     ]
     for args in cases:
         capsys.readouterr()
