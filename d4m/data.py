@@ -76,11 +76,16 @@ def read_class_list(folder: str | Path) -> Optional[list[dict]]:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
+    """Any image as 8-bit RGB: grey, palette and alpha images converted, 16-bit ones scaled (not clipped)."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16- or 32-bit integer grey
+                pixels = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(pixels / 257.0 if pixels.max() > 255 else pixels, 0, 255)
+                                      .round().astype(np.uint8))
             return img.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot read image {path}: {err}") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UsageError(f"cannot read image {path}: {err}; replace or remove the file") from err
 
 
 class ImageFolderDataset(Dataset):
@@ -98,9 +103,9 @@ class ImageFolderDataset(Dataset):
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+            if not files:
+                raise UsageError(f"class folder {root / name} holds no images; add images or remove the folder")
             self.samples += [(str(p), label) for p in files]
-        if not self.samples:
-            raise UsageError(f"image folder {root} holds no images")
         self.targets = [label for _, label in self.samples]
         self.transform = transform
 

@@ -34,7 +34,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
 
 from d4m.runtime import UsageError, atomic_path, derive_seed
 from d4m.views import CropViews, PilViews, iterate_views
@@ -250,15 +251,32 @@ def open_store(store: str | Path, meta: dict, create: bool = True) -> int:
             details = ", ".join(f"{k}: stored {old.get(k)!r} vs now {meta.get(k)!r}" for k in diff)
             raise UsageError(f"the soft-label store {store} was made by a different run ({details}); "
                              "use another --fkd-path or delete it")
-    elif store.exists() and (not store.is_dir() or any(store.iterdir())):
+    elif store.exists() and (not store.is_dir() or any(not p.name.startswith(".") for p in store.iterdir())):
         raise UsageError(f"--fkd-path {store} exists and is not a soft-label store; choose an empty or new folder")
     elif create:
         with atomic_path(store / META_NAME) as tmp:
             tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
     epoch = 0
-    while epoch < meta["epochs"] and epoch_file(store, epoch).is_file():
+    while epoch < meta["epochs"] and epoch_complete(epoch_file(store, epoch)):
         epoch += 1
     return epoch
+
+
+PLAN_KEYS = {"order", "crops", "flips", "perm", "lam", "box"}
+LABEL_KEYS = ({"logits"}, {"topk_values", "topk_indices", "rest_mean"}, {"logits_q", "logits_min", "logits_step"})
+
+
+def epoch_complete(path: Path) -> bool:
+    """Whether an epoch file is whole: a readable header that covers the file, with a plan and soft labels (a
+    damaged one is rewritten on resume)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError):
+        return False
+    return PLAN_KEYS <= keys and any(labels <= keys for labels in LABEL_KEYS)
 
 
 def index_bits(classes: int) -> int:
@@ -341,6 +359,9 @@ def read_epoch(store: str | Path, epoch: int, meta: dict) -> tuple[EpochPlan, So
     path = epoch_file(store, epoch)
     if not path.is_file():
         raise UsageError(f"soft-label file {path} is missing; rerun matching to complete the store")
+    if not epoch_complete(path):
+        raise UsageError(f"soft-label file {path} is damaged (truncated or not a store file); rerun the matching "
+                         "command, which rewrites it")
     tensors = load_file(str(path))
     tensors.update(order=tensors["order"].long(), crops=tensors["crops"].double(), perm=tensors["perm"].long())
     plan = EpochPlan.from_tensors(tensors, meta["batch_size"])

@@ -120,7 +120,7 @@ class HostImages:
         """Decode every image into the buffer (DataLoader workers decode, this process copies)."""
         loader = DataLoader(_Decode(paths), batch_size=None, num_workers=workers)
         for i, image in enumerate(tqdm(loader, total=len(paths), desc="decoding images", unit="img",
-                                       disable=not show, leave=False)):
+                                       disable=None if show else True, leave=False)):
             if tuple(image.shape[:2]) != tuple(self.sizes[i]):
                 raise UsageError(f"image {paths[i]} decodes to {tuple(image.shape[:2])} pixels but its header says "
                                  f"{tuple(self.sizes[i])}; re-save the file")

@@ -17,7 +17,8 @@ from d4m.kmeans import METHODS, class_centres, nearest_members
 from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
                          shuffled)
 from d4m.prototypes import FORMATS, PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
-from d4m.runtime import UsageError, barrier, cli, first_error, from_rank0, init_distributed
+from d4m.runtime import (UsageError, barrier, check_writable, cli, exclusive_run, first_error, from_rank0,
+                         init_distributed, progress_off)
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
 
@@ -62,7 +63,7 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
     labels = {index: label for label in classes for index in members[label]}
     encode = latent_encoder(pipe, args.batch_size, compiled)
     # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
-    bar = tqdm(total=len(batches), desc="encoding", disable=rank != 0, leave=False)
+    bar = tqdm(total=len(batches), desc="encoding", disable=progress_off(rank), leave=False)
     with batch_invariant(pipe, device), bar:
         for label, latents in encoded_classes(encode, loader, labels, args.seed, device, bar):
             centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand, args.seed,
@@ -72,32 +73,10 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
             writer.write(label, centres.reshape(args.ipc, *latents.shape[1:]), float(f"{score:.8g}"), nearest)
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    set_deterministic(args.deterministic)
-    rank, world = init_distributed(device, args.dist_timeout)
-    data = train_dataset(args.dataset, args.data_dir)
-    num_classes = class_count(args.dataset, data)
-    class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
-    prompts = resolve_prompts(args.dataset, args.label_file_path, class_names)
-    if args.prototype_format == "json":
-        check_json_prompts(prompts)
-    members = class_indices(data.targets, num_classes)
-    small = [c for c, m in enumerate(members) if len(m) < args.ipc]
-    if small:
-        name, count = class_names[small[0]], len(members[small[0]])
-        raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
-    out = Path(args.save_prototype_path) / prototype_filename(args.dataset, args.ipc, args.km_expand,
-                                                              args.prototype_format)
-    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
-    pipe.vae.to(memory_format=memory_format(device))
-    compiled = args.compile and not compile_unavailable(device)
-    if compiled:
-        pipe.vae.encoder.compile()
-    announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
-             f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
+def write_prototypes(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], prompts: list[str],
+                     class_names: list[str], out: Path, device, rank: int, world: int, compiled: bool) -> None:
+    """Every process encodes and clusters its classes into one temporary file, which rank 0 then names `out`."""
+    num_classes = len(members)
     metadata = dict(dataset=args.dataset, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
                     seed=str(args.seed), class_names=json.dumps(class_names), kmeans=args.kmeans)
     tmp = from_rank0(out.with_name(f".{out.name}.build{os.getpid()}"), world)
@@ -122,6 +101,37 @@ def main(argv: list[str] | None = None) -> None:
         writer.commit()
         print(f"wrote {num_classes} x {args.ipc} prototypes to {out}")
         print(f"k-means {args.kmeans}: mean per-class inertia {mean:.6g}")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    set_deterministic(args.deterministic)
+    rank, world = init_distributed(device, args.dist_timeout)
+    data = train_dataset(args.dataset, args.data_dir)
+    num_classes = class_count(args.dataset, data)
+    class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
+    prompts = resolve_prompts(args.dataset, args.label_file_path, class_names)
+    if args.prototype_format == "json":
+        check_json_prompts(prompts)
+    members = class_indices(data.targets, num_classes)
+    small = [c for c, m in enumerate(members) if len(m) < args.ipc]
+    if small:
+        name, count = class_names[small[0]], len(members[small[0]])
+        raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
+    out = Path(args.save_prototype_path) / prototype_filename(args.dataset, args.ipc, args.km_expand,
+                                                              args.prototype_format)
+    check_writable(out, "--save_prototype_path")
+    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
+    pipe.vae.to(memory_format=memory_format(device))
+    compiled = args.compile and not compile_unavailable(device)
+    if compiled:
+        pipe.vae.encoder.compile()
+    announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
+             f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
+    with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):
+        write_prototypes(args, pipe, data, members, prompts, class_names, out, device, rank, world, compiled)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts, w
 from d4m.device import add_device_args, announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import DTYPES, EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
-from d4m.runtime import UsageError, atomic_path, barrier, cli, init_distributed, seeded_generator
+from d4m.runtime import (UsageError, atomic_path, barrier, check_writable, cli, exclusive_run, init_distributed,
+                         progress_off, seeded_generator)
 from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
 
 
@@ -116,7 +117,7 @@ def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: l
     the device makes the next batch."""
     embeds = EmbeddingCache(pipe, args.negative_prompt, args.guidance_scale > 1)
     prototype = ClassPrototypes(protos, args.ipc // protos.per_class)
-    bar = tqdm(total=len(jobs), desc="synthesis", unit="img", disable=rank != 0, leave=False)
+    bar = tqdm(total=len(jobs), desc="synthesis", unit="img", disable=progress_off(rank), leave=False)
     with batch_invariant(pipe, device), bar, ThreadPoolExecutor(max_workers=2) as writers:
         pending = []
         for start in range(0, len(jobs), args.batch_size):
@@ -146,6 +147,18 @@ def my_share(todo: list[Job], rank: int, world: int) -> list[Job]:
     return todo[start : start + per + (rank < extra)]
 
 
+def load_synthesis_pipeline(args: argparse.Namespace, device: torch.device, rank: int):
+    pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
+                         safety_checker=args.safety_checker, dtype=args.dtype)
+    pipe.unet.to(memory_format=memory_format(device))
+    pipe.vae.to(memory_format=memory_format(device))
+    if args.compile:
+        reason = compile_unet(pipe, device)
+        if reason and rank == 0:
+            print(f"--compile skipped: {reason}; the UNet runs uncompiled", file=sys.stderr)
+    return pipe
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
@@ -163,22 +176,17 @@ def main(argv: list[str] | None = None) -> None:
     dtype = str(pipeline_dtype(device, args.dtype)).removeprefix("torch.")
     announce("synthesis", device, dtype, world, rank, f"batch {args.batch_size}" + (", compile" if args.compile else ""),
              f"{len(remaining)} of {len(jobs)} images to make")
+    check_writable(root, "--save_init_image_path")
     todo = my_share(remaining, rank, world)
-    if todo:
-        pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
-                             safety_checker=args.safety_checker, dtype=args.dtype)
-        pipe.unet.to(memory_format=memory_format(device))
-        pipe.vae.to(memory_format=memory_format(device))
-        if args.compile:
-            reason = compile_unet(pipe, device)
-            if reason and rank == 0:
-                print(f"--compile skipped: {reason}; the UNet runs uncompiled", file=sys.stderr)
-        synthesize(args, pipe, protos, prompts, todo, device, rank)
-    barrier()
-    if rank == 0:
-        names = json.loads(protos.metadata.get("class_names", "null")) or [str(c) for c in range(len(prompts))]
-        write_class_list(root, names, prompts)
-        print(f"{len(prompts)} classes x {args.ipc} images in {root}")
+    pipe = load_synthesis_pipeline(args, device, rank) if todo else None
+    with exclusive_run(root / ".lock", f"image folder {root}", rank, world):
+        if todo:
+            synthesize(args, pipe, protos, prompts, todo, device, rank)
+        barrier()
+        if rank == 0:
+            names = json.loads(protos.metadata.get("class_names", "null")) or [str(c) for c in range(len(prompts))]
+            write_class_list(root, names, prompts)
+            print(f"{len(prompts)} classes x {args.ipc} images in {root}")
 
 
 if __name__ == "__main__":

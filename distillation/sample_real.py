@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset, write_class_list
 from d4m.prototypes import PrototypeFile
-from d4m.runtime import UsageError, atomic_path, cli
+from d4m.runtime import UsageError, atomic_path, check_writable, cli, exclusive, progress_off
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,16 +82,22 @@ def main(argv: list[str] | None = None) -> None:
         picks = nearest_per_class(args.prototype_path, class_names, args.ipc)
     else:
         picks = pick_per_class(data.targets, num_classes, args.ipc or 10, args.seed)
-    width = len(str(num_classes - 1))
-    for c, indices in enumerate(tqdm(picks, desc="classes")):
+    check_writable(args.output, "--output")
+    with exclusive(Path(args.output) / ".lock", f"image folder {args.output}"):
+        write_images(data, picks, Path(args.output), args.size)
+        write_class_list(args.output, class_names, prompts)
+    print(f"wrote {sum(len(p) for p in picks)} images to {args.output}")
+
+
+def write_images(data, picks: list[list[int]], output: Path, size: int | None) -> None:
+    width = len(str(len(picks) - 1))
+    for c, indices in enumerate(tqdm(picks, desc="classes", disable=progress_off())):
         for j, index in enumerate(indices):
             img, _ = data[index]
-            if args.size:
-                img = img.resize((args.size, args.size), resample=2)
-            with atomic_path(Path(args.output) / f"{c:0{width}d}" / f"{j:03d}.png") as tmp:
+            if size:
+                img = img.resize((size, size), resample=2)
+            with atomic_path(output / f"{c:0{width}d}" / f"{j:03d}.png") as tmp:
                 img.save(tmp, format="PNG")
-    write_class_list(args.output, class_names, prompts)
-    print(f"wrote {sum(len(p) for p in picks)} images to {args.output}")
 
 
 if __name__ == "__main__":

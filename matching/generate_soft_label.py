@@ -20,7 +20,8 @@ from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
 from d4m.models import load_pretrained, load_teacher_file
-from d4m.runtime import UsageError, atomic_path, barrier, cli, first_error, init_distributed
+from d4m.runtime import (UsageError, atomic_path, barrier, check_writable, cli, exclusive_run, first_error,
+                         init_distributed, progress_off)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -198,17 +199,27 @@ def main(argv: list[str] | None = None) -> None:
     error = first_error(error, world)
     if error:
         raise UsageError(error)
-    barrier()
-    if rank == 0:
-        fkd.open_store(args.fkd_path, meta, create=True)
-        if checked is not None:
-            with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
-                tmp.write_text(json.dumps(checked, indent=1))
+    check_writable(args.fkd_path, "--fkd-path")
+    with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
+        start = fkd.open_store(args.fkd_path, meta, create=False)  # again, now that no other run writes
+        barrier()
+        if rank == 0:
+            fkd.open_store(args.fkd_path, meta, create=True)
+            if checked is not None:
+                with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
+                    tmp.write_text(json.dumps(checked, indent=1))
+        match_epochs(args, teacher, record, hw, paths, start, topk, shared_by, rank, world, device, amp)
+
+
+def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, hw, paths: list[str], start: int,
+                 topk: int | None, shared_by: int, rank: int, world: int, device: torch.device,
+                 amp: torch.dtype | None) -> None:
+    """Label and store the epochs from `start` on."""
     source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
     teacher = maybe_compile(teacher, device, args.compile, rank)
     dtype = torch.float16 if args.use_fp16 else torch.float32
     scale = (args.min_scale_crops, args.max_scale_crops)
-    for epoch in tqdm(range(start, args.epochs), disable=rank != 0, desc="matching", initial=start, total=args.epochs):
+    for epoch in tqdm(range(start, args.epochs), disable=progress_off(rank), desc="matching", initial=start, total=args.epochs):
         plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
                               args.mixup, args.cutmix, scale)
         parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
@@ -218,7 +229,6 @@ def main(argv: list[str] | None = None) -> None:
         barrier()
     if rank == 0:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
-
 
 if __name__ == "__main__":
     main()

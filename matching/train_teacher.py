@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, class_count, train_dataset, val_dataset
 from d4m.models import architectures, build_model, save_teacher
 from d4m.device import announce, pick_device
-from d4m.runtime import UsageError, cli
+from d4m.runtime import UsageError, check_writable, cli, exclusive, progress_off
 
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
 # Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.
@@ -73,10 +74,21 @@ def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, list[str]
     val_set: Dataset = val_dataset(args.dataset, args.data_dir, test_tf)
     num_classes = class_count(args.dataset, train_set)
     class_names = [str(name) for name in getattr(train_set, "classes", range(num_classes))]
+    check_same_classes(class_names, [str(name) for name in getattr(val_set, "classes", class_names)], args.data_dir)
     gen = torch.Generator().manual_seed(args.seed)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0)
     return (DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size, generator=gen, **common),
             DataLoader(val_set, shuffle=False, **common), class_names)
+
+
+def check_same_classes(train: list[str], val: list[str], root: str) -> None:
+    """The validation split must hold the training split's classes, in the same order."""
+    if train != val:
+        first = next((i for i, (a, b) in enumerate(zip(train, val)) if a != b), min(len(train), len(val)))
+        seen = (train[first] if first < len(train) else "nothing", val[first] if first < len(val) else "nothing")
+        raise UsageError(f"{root}: the training split has {len(train)} classes and the validation split {len(val)}, "
+                         f"and class {first} is {seen[0]!r} in one but {seen[1]!r} in the other; give both the same "
+                         "class folders")
 
 
 @torch.no_grad()
@@ -92,7 +104,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
 
 def train_epoch(model, loader, opt, sched, device, epoch: int) -> float:
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=progress_off())
     running = 0.0
     for x, y in bar:
         loss = F.cross_entropy(model(x.to(device)), y.to(device))
@@ -120,15 +132,8 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    announce("teacher training", device, "float32", 1, 0, f"{args.arch} at {args.input_size} px")
-    torch.manual_seed(args.seed)
-    train_loader, val_loader, class_names = loaders(args)
-    num_classes = len(class_names)
-    model = build_model(args.arch, num_classes, args.input_size).to(device)
+def train(args: argparse.Namespace, model: nn.Module, train_loader: DataLoader, val_loader: DataLoader,
+          class_names: list[str], device: torch.device) -> None:
     opt, sched = make_optimizer(model, args, args.epochs * len(train_loader))
     start = time.time()
     top1 = 0.0
@@ -136,9 +141,23 @@ def main(argv: list[str] | None = None) -> None:
         loss = train_epoch(model, train_loader, opt, sched, device, epoch)
         top1 = evaluate(model, val_loader, device)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss:.4f}, val top-1 {top1:.2f}% ({time.time() - start:.0f} s)")
-    save_teacher(args.output, model, args.arch, num_classes, args.input_size,
+    save_teacher(args.output, model, args.arch, len(class_names), args.input_size,
                  dataset=args.dataset, top1=top1, epochs=args.epochs, classes=class_names)
     print(f"final val top-1 {top1:.2f}%; wrote {args.output}")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    announce("teacher training", device, "float32", 1, 0, f"{args.arch} at {args.input_size} px")
+    torch.manual_seed(args.seed)
+    train_loader, val_loader, class_names = loaders(args)
+    model = build_model(args.arch, len(class_names), args.input_size).to(device)
+    check_writable(args.output, "--output")
+    output = Path(args.output)
+    with exclusive(output.with_name(f".{output.name}.lock"), f"teacher file {output}"):
+        train(args, model, train_loader, val_loader, class_names, device)
 
 
 if __name__ == "__main__":

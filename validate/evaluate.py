@@ -28,7 +28,7 @@ from pathlib import Path
 
 from d4m.data import DATASETS, ImageFolderDataset
 from d4m.models import load_teacher_file
-from d4m.runtime import UsageError, atomic_path, cli
+from d4m.runtime import UsageError, atomic_path, check_writable, cli, exclusive
 
 REPO = Path(__file__).resolve().parent.parent
 MATCH = REPO / "matching" / "generate_soft_label.py"
@@ -233,9 +233,7 @@ def markdown(rows: list[dict], score_rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def evaluate_all(args: argparse.Namespace) -> None:
     rows = []
     for name, folders in args.sets.items():
         data = ImageFolderDataset(folders[0])
@@ -258,6 +256,14 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(markdown(rows, score_rows))
     print(markdown(rows, score_rows), end="")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_writable(args.output, "--output")
+    with exclusive(Path(args.output) / ".lock", f"evaluation folder {args.output}"):
+        evaluate_all(args)
 
 
 if __name__ == "__main__":

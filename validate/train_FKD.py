@@ -35,12 +35,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from d4m import fkd, views
-from d4m.data import DATASETS, ImageFolderDataset, val_dataset
+from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.models import build_model, load_pretrained, load_teacher_file
-from d4m.runtime import UsageError, atomic_path, cli, init_distributed
+from d4m.runtime import UsageError, atomic_path, check_writable, cli, exclusive_run, init_distributed, progress_off
 
 PROTOCOLS = ("fkd", "online", "hard")
 SCHEDULES = ("linear", "cosine", "half-cosine")
@@ -153,6 +153,15 @@ def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, devic
         data = val_dataset(args.dataset, args.data_dir, transform)
     if len(data.classes) > meta["num_classes"]:
         raise UsageError(f"the validation set has {len(data.classes)} classes but the student {meta['num_classes']}")
+    made_from = read_class_list(args.train_dir)
+    if made_from is not None and [str(row["name"]) for row in made_from] != [str(c) for c in data.classes]:
+        names = [str(row["name"]) for row in made_from]
+        first = next((i for i, (a, b) in enumerate(zip(names, data.classes)) if a != str(b)), min(len(names),
+                                                                                               len(data.classes)))
+        raise UsageError(f"the validation split's classes are not those {args.train_dir} was made from (class "
+                         f"{first}: {names[first] if first < len(names) else 'none'!r} there, "
+                         f"{str(data.classes[first]) if first < len(data.classes) else 'none'!r} here); validate on "
+                         "the same dataset")
     return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=256, shuffle=False,
                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
@@ -305,7 +314,7 @@ def train_epoch(args, model: nn.Module, optimizer, scaler, source, labels, epoch
     model.train()
     losses = torch.zeros(plan.num_batches, device=device)
     batches = fkd.replay_batches(plan, jobs, source, args.workers, device, meta["mean"], meta["std"], meta["mix_type"])
-    bar = tqdm(batches, total=len(jobs), disable=rank != 0, leave=False, desc=f"epoch {epoch}")
+    bar = tqdm(batches, total=len(jobs), disable=progress_off(rank), leave=False, desc=f"epoch {epoch}")
     for (job, x), mine in zip(bar, my_pieces):
         start, end = plan.bounds(job.batch)
         first, last = mine[0][0], mine[-1][1]
@@ -461,7 +470,7 @@ def train_one(args: argparse.Namespace, labels, source, val_loader: DataLoader, 
     run = start_wandb(args) if args.wandb and rank == 0 else None
     top1 = topk = None
     k = min(5, meta["num_classes"])
-    for epoch in tqdm(range(start, args.epochs), disable=rank != 0, desc="training", initial=start, total=args.epochs):
+    for epoch in tqdm(range(start, args.epochs), disable=progress_off(rank), desc="training", initial=start, total=args.epochs):
         began = time.time()
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row["loss"] = train_epoch(args, model, optimizer, scaler, source, labels, epoch, rank, world, device, amp)
@@ -520,8 +529,16 @@ def main(argv: list[str] | None = None) -> None:
     loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
     announce("training", device, precision_name(amp), world, rank, f"student {args.model}",
              f"protocol {args.protocol}", loader, *(["SyncBatchNorm"] if args.sync_bn else []))
-    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
     base = Path(args.output_dir)
+    check_writable(base, "--output-dir")
+    with exclusive_run(base / ".lock", f"output folder {base}", rank, world):
+        source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+        train_all(args, labels, source, val_loader, base, len(paths), len(data.classes), device, rank, world, amp)
+
+
+def train_all(args: argparse.Namespace, labels, source, val_loader: DataLoader, base: Path, num_images: int,
+              num_classes: int, device: torch.device, rank: int, world: int, amp: torch.dtype | None) -> None:
+    """The --seeds students one after the other, and their summary."""
     plan_seed = labels.plan_seed
     runs = []
     for k in range(args.seeds):
@@ -532,9 +549,9 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(result)
         if rank == 0 and args.seeds > 1:
             with atomic_path(out / "results.json") as tmp:
-                tmp.write_text(json.dumps(summary(args, [result], len(paths), len(data.classes)), indent=1))
+                tmp.write_text(json.dumps(summary(args, [result], num_images, num_classes), indent=1))
     if rank == 0:
-        figures = summary(args, runs, len(paths), len(data.classes))
+        figures = summary(args, runs, num_images, num_classes)
         with atomic_path(base / "results.json") as tmp:
             tmp.write_text(json.dumps(figures, indent=1))
         if args.seeds > 1:

@@ -1,0 +1,184 @@
+"""The inputs users really have: damaged and unusual images, odd folders, damaged outputs, a second run, a
+folder that cannot be written. Each is valid (and works) or gets one line and exit status 2, writing nothing."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_image_folder, run_script
+from d4m import fkd, runtime
+from d4m.data import ImageFolderDataset, load_rgb, write_class_list
+from d4m.prototypes import save_prototypes
+from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return tiny_setup(tmp_path)
+
+
+def test_unusual_image_modes_are_read_as_8_bit_rgb(tmp_path):
+    grey16 = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # up to 65472
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(np.full((8, 8), 33, np.uint8), "L").save(tmp_path / "grey.png")
+    pixels = np.asarray(load_rgb(tmp_path / "grey16.png"))
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+    assert abs(pixels[..., 0].astype(float).mean() - (grey16 / 257).mean()) < 0.5  # scaled, not clipped to white
+    assert np.asarray(load_rgb(tmp_path / "rgba.png"))[0, 0].tolist() == [200, 0, 0]
+    assert np.asarray(load_rgb(tmp_path / "palette.png"))[0, 0].tolist() == [77, 77, 77]
+    assert np.asarray(load_rgb(tmp_path / "grey.png"))[0, 0].tolist() == [33, 33, 33]
+
+
+def test_a_set_of_mixed_modes_matches_with_both_loaders(tiny, tmp_path):
+    data, teacher = tiny
+    odd = data / "train" / "class1"
+    Image.fromarray((np.random.default_rng(0).random((32, 32)) * 65535).astype(np.uint16)).save(odd / "grey16.png")
+    Image.open(odd / "0.png").convert("RGBA").save(odd / "rgba.png")
+    Image.open(odd / "1.png").convert("P").save(odd / "palette.png")
+    for loader in ("tensor", "pil"):
+        store = tmp_path / f"store_{loader}"
+        assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--loader", loader, "--device",
+                                            "cpu")) == 0
+    a, b = (fkd.read_epoch(tmp_path / f"store_{loader}", 0, fkd.read_meta(tmp_path / f"store_{loader}"))[1]
+            for loader in ("tensor", "pil"))
+    assert a.rows(0, 15).shape == (15, 3) and float((a.rows(0, 15) - b.rows(0, 15)).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_damaged_image_is_named(tiny, tmp_path, capsys, workers):
+    data, teacher = tiny
+    (data / "train" / "class2" / "3.png").write_bytes(Image.open(data / "train" / "class2" / "3.png").tobytes()[:50])
+    truncated = data / "train" / "class0" / "2.png"
+    truncated.write_bytes(truncated.read_bytes()[:120])
+    capsys.readouterr()
+    assert run_script(MATCH, match_args(data, teacher, tmp_path / "store", "-j", workers, "--device", "cpu")) == 2
+    line = one_error_line(capsys)
+    assert "cannot read image" in line and ("class0/2.png" in line or "class2/3.png" in line)
+    assert not (tmp_path / "store").exists()
+
+
+def test_an_empty_class_folder_is_refused(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    (data / "train" / "class1b").mkdir()
+    assert run_script(MATCH, match_args(data, teacher, tmp_path / "store", "--device", "cpu")) == 2
+    assert "class1b holds no images" in one_error_line(capsys)
+
+
+def test_train_and_val_with_other_classes_are_refused(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=4)
+    shutil.rmtree(data / "val" / "class1")
+    args = ["--dataset", "imagefolder", "--data-dir", data, "-a", "convnet", "--epochs", 1, "--workers", 0,
+            "--input-size", 32, "--output", tmp_path / "t.pt", "--device", "cpu"]
+    assert run_script("matching/train_teacher.py", args) == 2
+    assert "class 1 is 'class1' in one but 'class2' in the other" in one_error_line(capsys)
+
+
+def test_validation_classes_must_be_those_of_the_synthetic_set(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 0
+    write_class_list(data / "train", ["cat", "dog", "fish"], ["a cat", "a dog", "a fish"])
+    capsys.readouterr()
+    assert run_script(TRAIN, train_args(data, store, tmp_path / "out", "--epochs", 1, "--device", "cpu")) == 2
+    assert "class 0: 'cat' there, 'class0' here" in one_error_line(capsys)
+
+
+def test_a_damaged_epoch_file_is_named_and_rewritten_by_matching(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    args = match_args(data, teacher, store, "--epochs", 2, "--device", "cpu")
+    assert run_script(MATCH, args) == 0
+    epoch1 = fkd.epoch_file(store, 1)
+    whole = epoch1.read_bytes()
+    epoch1.write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert run_script(TRAIN, train_args(data, store, tmp_path / "out", "--epochs", 2, "--device", "cpu")) == 2
+    line = one_error_line(capsys)
+    assert "epoch_0001.safetensors is damaged" in line and "rerun the matching command" in line
+    assert run_script(MATCH, args) == 0  # the resume treats it as missing
+    assert epoch1.read_bytes() == whole
+
+
+def test_a_damaged_prototype_file_is_named(tmp_path, tiny_sd, capsys):
+    path = tmp_path / "p.safetensors"
+    save_prototypes(path, ["a", "b"], torch.zeros(2, 1, 4, 16, 16))
+    path.write_bytes(path.read_bytes()[:-40])
+    args = ["--dataset", "imagefolder", "--prototype_path", path, "--diffusion_checkpoints_path", tiny_sd,
+            "--save_init_image_path", tmp_path / "syn", "--device", "cpu"]
+    assert run_script("distillation/gen_syn_image.py", args) == 2
+    line = one_error_line(capsys)
+    assert str(path) in line and "regenerate it" in line
+    assert not (tmp_path / "syn").exists()
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_taken_over(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    store = tmp_path / "store"
+    store.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (store / ".lock").write_text(f"{sleeper.pid} {runtime.socket.gethostname()}")
+        assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 2
+        assert f"being written by another run (process {sleeper.pid})" in one_error_line(capsys)
+        assert sorted(p.name for p in store.iterdir()) == [".lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 0
+    assert (store / "meta.json").is_file() and not (store / ".lock").exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    data, teacher = tiny
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert run_script(MATCH, match_args(data, teacher, blocker / "store", "--epochs", 1, "--device", "cpu")) == 2
+    assert "is a file, so" in one_error_line(capsys)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    assert run_script(TRAIN, train_args(data, tmp_path / "s", tmp_path / "out", "--protocol", "hard", "--epochs", 1,
+                                        "--device", "cpu")) == 2
+    assert "is not writable" in one_error_line(capsys)
+
+
+def test_a_full_disk_during_the_run_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    data, _ = tiny
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "checkpoint.pth.tar"))
+
+    monkeypatch.setattr(torch, "save", full)
+    assert run_script(TRAIN, train_args(data, tmp_path / "s", tmp_path / "out", "--protocol", "hard", "--epochs", 1,
+                                        "--device", "cpu")) == 2
+    line = one_error_line(capsys)
+    assert "No space left on device" in line and "checkpoint.pth.tar" in line
+    assert not list((tmp_path / "out").glob("*.tar")) if (tmp_path / "out").exists() else True
+
+
+def test_a_prompt_file_with_more_lines_than_classes_is_refused(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=2)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\nd\n")
+    args = ["--dataset", "imagefolder", "--data_dir", data, "--label_file_path", labels, "--output", tmp_path / "o"]
+    assert run_script("distillation/sample_real.py", args + ["--ipc", 1]) == 2
+    assert "has 4 prompts but the dataset has 3 classes" in one_error_line(capsys)
+    assert ImageFolderDataset(data / "train").classes == ["class0", "class1", "class2"]
