@@ -13,6 +13,7 @@ import torch
 from d4m.runtime import UsageError
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # diffusion weights
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 DIST_TIMEOUT_MINUTES = 180
 

@@ -1,4 +1,6 @@
-"""Loading Stable Diffusion checkpoints (local diffusers folders or hub ids) with clear errors."""
+"""Loading Stable Diffusion checkpoints (local diffusers folders or hub ids) with clear errors.
+
+diffusers is imported where it is used, so that the scripts answer --help without it."""
 from __future__ import annotations
 
 import contextlib
@@ -9,17 +11,13 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
-from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
-from d4m.device import compile_unavailable
+from d4m.device import DTYPES, compile_unavailable
 from d4m.runtime import UsageError
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def pipeline_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
@@ -32,6 +30,8 @@ def pipeline_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 def use_sdpa(pipe) -> None:
     """Make every attention layer use PyTorch's fused scaled_dot_product_attention (flash / memory-efficient
     kernels where the device has them) through diffusers' AttnProcessor2_0, whatever the checkpoint set."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
     for component in pipe.components.values():
         processors = getattr(component, "attn_processors", None)
         if processors and not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
@@ -141,6 +141,8 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     kwargs = {}
     if "safety_checker" in cls._get_signature_keys(cls)[0] and not safety_checker:
         kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    from diffusers.utils import logging as diffusers_logging
+
     diffusers_logging.disable_progress_bar()  # the loading bar would sit above any later one-line error
     try:
         pipe = cls.from_pretrained(str(local) if local.exists() else path, dtype=pipeline_dtype(device, dtype), **kwargs)

@@ -11,7 +11,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from d4m.device import autocast, memory_format
@@ -26,8 +25,10 @@ def floor(classes: int) -> float:
     return min(3 * chance, (100 + chance) / 2)
 
 
-def eval_transform(input_size: int, mean, std) -> T.Compose:
+def eval_transform(input_size: int, mean, std):
     """The validation transform of train_FKD.py: resize (by 256/224 at ImageNet sizes), centre crop, normalise."""
+    import torchvision.transforms as T  # imported on use: scripts answer --help without torchvision
+
     resize = int(input_size * 256 / 224) if input_size >= 224 else input_size
     return T.Compose([T.Resize(resize), T.CenterCrop(input_size), T.ToTensor(), T.Normalize(mean, std)])
 

@@ -6,17 +6,18 @@ class's latents depend on nothing but the seed, whatever the batch size or the n
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from tqdm import tqdm
 
 from d4m.device import memory_format
 from d4m.runtime import UsageError, seeded_generator
-from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
+
+if TYPE_CHECKING:
+    from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
 
 class ResizedImages(Dataset):
@@ -27,6 +28,8 @@ class ResizedImages(Dataset):
     def __init__(self, base: Dataset, size: int):
         self.base = base
         self.size = size
+        from torchvision import transforms
+
         self.resize = transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR)
 
     def __len__(self) -> int:
@@ -86,7 +89,7 @@ def encoded_classes(encode: Callable[[torch.Tensor, list], torch.Tensor], loader
         yield current, torch.cat(pending).float().cpu()
 
 
-def latent_encoder(pipe: StableDiffusionGenLatentsPipeline, batch_size: int,
+def latent_encoder(pipe: "StableDiffusionGenLatentsPipeline", batch_size: int,
                    compiled: bool) -> Callable[[torch.Tensor, list], torch.Tensor]:
     """pixels [n,3,S,S] in [0,1] + one generator per image -> latents; with a compiled encoder every call is
     padded to `batch_size` images (one compiled shape), the padding's latents dropped."""
@@ -101,7 +104,7 @@ def latent_encoder(pipe: StableDiffusionGenLatentsPipeline, batch_size: int,
     return encode
 
 
-def latent_shape(pipe: StableDiffusionGenLatentsPipeline, size: int) -> tuple[int, int, int]:
+def latent_shape(pipe: "StableDiffusionGenLatentsPipeline", size: int) -> tuple[int, int, int]:
     """The VAE's latent of a size x size image: channels and the side after its downsampling blocks."""
     config = pipe.vae.config
     side = size // 2 ** (len(config.block_out_channels) - 1)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.runtime import UsageError, atomic_path
@@ -36,11 +35,15 @@ class ConvNet(nn.Module):
 
 
 def architectures() -> list[str]:
+    import torchvision  # here and below, so that a script's --help does not wait for torchvision
+
     return sorted(torchvision.models.list_models(module=torchvision.models)) + list(EXTRA_ARCHS)
 
 
 def build_model(arch: str, num_classes: int, input_size: int = 224) -> nn.Module:
     """A randomly initialised classifier by name: any torchvision classification model, convnet, resnet18_modified."""
+    import torchvision
+
     if arch == "convnet":
         return ConvNet(num_classes, input_size)
     if arch == "resnet18_modified":
@@ -88,6 +91,8 @@ def load_teacher_file(path: str | Path) -> tuple[nn.Module, dict]:
 
 def load_pretrained(arch: str) -> tuple[nn.Module, dict]:
     """A torchvision model with its default ImageNet weights (downloaded by torchvision on first use)."""
+    import torchvision
+
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UsageError(f"unknown architecture {arch!r}; use a torchvision classification model name or --teacher-path")
     weights = torchvision.models.get_model_weights(arch).DEFAULT

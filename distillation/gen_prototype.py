@@ -19,7 +19,6 @@ from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_cl
 from d4m.prototypes import FORMATS, PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
 from d4m.runtime import (UsageError, barrier, check_writable, cli, exclusive_run, first_error, from_rank0,
                          init_distributed, progress_off)
-from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -123,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.save_prototype_path) / prototype_filename(args.dataset, args.ipc, args.km_expand,
                                                               args.prototype_format)
     check_writable(out, "--save_prototype_path")
+    from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline  # after --help
+
     pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
     pipe.vae.to(memory_format=memory_format(device))
     compiled = args.compile and not compile_unavailable(device)

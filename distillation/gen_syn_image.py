@@ -12,12 +12,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts, write_class_list
-from d4m.device import add_device_args, announce, memory_format, pick_device, set_deterministic
-from d4m.diffusion import DTYPES, EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
+from d4m.device import DTYPES, add_device_args, announce, memory_format, pick_device, set_deterministic
+from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
 from d4m.runtime import (UsageError, atomic_path, barrier, check_writable, cli, exclusive_run, init_distributed,
                          progress_off, seeded_generator)
-from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
 
 
 RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
@@ -148,6 +147,8 @@ def my_share(todo: list[Job], rank: int, world: int) -> list[Job]:
 
 
 def load_synthesis_pipeline(args: argparse.Namespace, device: torch.device, rank: int):
+    from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline  # after --help
+
     pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
                          safety_checker=args.safety_checker, dtype=args.dtype)
     pipe.unet.to(memory_format=memory_format(device))

@@ -22,21 +22,21 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
-from torchvision.transforms import functional as TF
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
 from d4m.device import announce, pick_device
 from d4m.runtime import UsageError, atomic_path, cli, progress_off
-from d4m.tiny_sd import SD15_SCHEDULER, build_tiny_sd
 
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+# diffusers, transformers and torchvision are imported where they are used, so that --help answers at once.
 # D4M's default negative prompt; trained as an unconditional prompt too, so that it means "no class".
 DEFAULT_NEGATIVE = "cartoon, anime, painting"
 
@@ -84,6 +84,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The training images as a uint8 tensor [N, 3, S, S] in memory, their labels, the class prompts."""
+    from torchvision.transforms import functional as TF
+
     data = train_dataset(args.dataset, args.data_dir)
     num_classes = class_count(args.dataset, data)
     prompts = resolve_prompts(args.dataset, args.label_file_path, getattr(data, "classes", [str(i) for i in range(num_classes)]))
@@ -153,7 +155,7 @@ def encode_all(vae, images: torch.Tensor, device: torch.device, batch: int = 500
 
 
 @torch.no_grad()
-def prompt_states(pipe: StableDiffusionPipeline, prompts: list[str], device: torch.device) -> torch.Tensor:
+def prompt_states(pipe: "StableDiffusionPipeline", prompts: list[str], device: torch.device) -> torch.Tensor:
     """The frozen text encoder's last hidden states for each prompt, padded to the tokenizer's length."""
     tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
@@ -177,6 +179,10 @@ def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
 def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, states: torch.Tensor,
                num_classes: int, args, device: torch.device, gen: torch.Generator) -> torch.nn.Module:
     """Epsilon-prediction training; returns the UNet to save (the EMA copy when --ema > 0)."""
+    from diffusers import DDPMScheduler
+
+    from d4m.tiny_sd import SD15_SCHEDULER
+
     unet, means, stds = pipe.unet, *latents
     scale = pipe.vae.config.scaling_factor
     noise_sched = DDPMScheduler(**{k: SD15_SCHEDULER[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
@@ -204,7 +210,7 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.T
     return ema.eval()
 
 
-def save_pipeline(pipe: StableDiffusionPipeline, output: Path, fp16: bool) -> None:
+def save_pipeline(pipe: "StableDiffusionPipeline", output: Path, fp16: bool) -> None:
     """save_pretrained into a temporary sibling folder, then move it onto `output`."""
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -219,6 +225,9 @@ def save_pipeline(pipe: StableDiffusionPipeline, output: Path, fp16: bool) -> No
 @torch.no_grad()
 def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_class: int = 8) -> None:
     """Text-to-image samples of the saved model (guidance 4, 50 steps), one row per class."""
+    from diffusers import StableDiffusionPipeline
+    from torchvision.utils import save_image
+
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -236,6 +245,7 @@ def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_cl
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from d4m.tiny_sd import build_tiny_sd  # after --help
     device = pick_device(args.device)
     announce("tiny LDM training", device, "float32", 1)
     torch.manual_seed(args.seed)

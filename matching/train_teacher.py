@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 from tqdm import tqdm
 
-from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, class_count, train_dataset, val_dataset
-from d4m.models import architectures, build_model, save_teacher
+from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, ImageFolderDataset, class_count, train_dataset, val_dataset
 from d4m.device import announce, pick_device
+from d4m.models import architectures, build_model, save_teacher
+from d4m.views import image_sizes
 from d4m.runtime import UsageError, check_writable, cli, exclusive, progress_off
 
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
@@ -41,7 +41,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("-b", "--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, momentum 0.9, cosine)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--input-size", type=int, default=None, help="default: the dataset's native side (224 for image folders)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="default: the dataset's native side; for image folders the side of most training images "
+                        "(at most 224)")
+    p.add_argument("--no-flip", action="store_true",
+                   help="no horizontal flips (for sets where a mirror image is another class: digits, text)")
     p.add_argument("--output", required=True, help="teacher file to write")
     p.add_argument("-j", "--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -51,25 +55,36 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         raise UsageError(f"unknown architecture {args.arch!r}; use a torchvision classification model name, convnet or resnet18_modified")
     if min(args.epochs, args.batch_size) < 1 or args.lr <= 0:
         raise UsageError("--epochs, --batch-size and --lr must be positive")
-    args.input_size = args.input_size or NATIVE_SIZE.get(args.dataset, 224)
+    args.input_size = args.input_size or NATIVE_SIZE.get(args.dataset) or folder_side(args.data_dir)
     return args
 
 
-def transforms_for(input_size: int) -> tuple[T.Compose, T.Compose]:
+def folder_side(data_dir: str) -> int:
+    """The side most of an image folder's training images have (the longer one), at most 224."""
+    train = ImageFolderDataset(Path(data_dir) / "train")
+    paths = [path for path, _ in train.samples[:: max(1, len(train.samples) // 200)]]
+    sides = [max(h, w) for h, w in image_sizes(paths)]
+    return min(224, max(set(sides), key=sides.count))
+
+
+def transforms_for(input_size: int, flip: bool = True):
     """(training augmentation, evaluation transform), both normalised with ImageNet mean/std."""
+    import torchvision.transforms as T  # imported on use: --help answers without torchvision
+
     finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    flips = [T.RandomHorizontalFlip()] if flip else []
     if input_size <= SMALL_INPUT:
-        train = [T.Resize((input_size, input_size)), T.RandomCrop(input_size, padding=input_size // 8), T.RandomHorizontalFlip()]
+        train = [T.Resize((input_size, input_size)), T.RandomCrop(input_size, padding=input_size // 8), *flips]
         test = [T.Resize((input_size, input_size))]
     else:
-        train = [T.RandomResizedCrop(input_size), T.RandomHorizontalFlip()]
+        train = [T.RandomResizedCrop(input_size), *flips]
         test = [T.Resize(int(round(input_size / 0.875))), T.CenterCrop(input_size)]
     return T.Compose(train + finish), T.Compose(test + finish)
 
 
 def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, list[str]]:
     """Training and validation loaders, and the class names in index order."""
-    train_tf, test_tf = transforms_for(args.input_size)
+    train_tf, test_tf = transforms_for(args.input_size, flip=not args.no_flip)
     train_set: Dataset = train_dataset(args.dataset, args.data_dir, train_tf)
     val_set: Dataset = val_dataset(args.dataset, args.data_dir, test_tf)
     num_classes = class_count(args.dataset, train_set)

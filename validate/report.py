@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
+from d4m import labelcheck
 from d4m.data import DATASETS, ImageFolderDataset, load_rgb, val_dataset
 from d4m.models import load_teacher_file
 from d4m.prototypes import PrototypeFile
@@ -67,8 +67,7 @@ def read_evals(folders: list[str]) -> tuple[list[dict], list[dict]]:
 @torch.no_grad()
 def teacher_top1(args: argparse.Namespace) -> tuple[float, dict]:
     model, record = load_teacher_file(args.teacher_path)
-    size = record["input_size"]
-    transform = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(record["mean"], record["std"])])
+    transform = labelcheck.eval_transform(record["input_size"], record["mean"], record["std"])
     loader = DataLoader(val_dataset(args.dataset, args.data_dir, transform), batch_size=500)
     correct = seen = 0
     for images, labels in loader:

@@ -29,12 +29,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from d4m import fkd, views
+from d4m import fkd, labelcheck, views
 from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
@@ -142,9 +141,7 @@ def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset) 
 
 def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, device: torch.device) -> DataLoader:
     """This process's share of the real validation set (every world-th image)."""
-    size = args.input_size
-    resize = int(size * 256 / 224) if size >= 224 else size
-    transform = T.Compose([T.Resize(resize), T.CenterCrop(size), T.ToTensor(), T.Normalize(meta["mean"], meta["std"])])
+    transform = labelcheck.eval_transform(args.input_size, meta["mean"], meta["std"])
     if args.dataset == "imagefolder":
         if not args.val_dir:
             raise UsageError("--val-dir is required with --dataset imagefolder; pass the real validation ImageFolder")
