@@ -142,8 +142,10 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     if "safety_checker" in cls._get_signature_keys(cls)[0] and not safety_checker:
         kwargs = dict(safety_checker=None, requires_safety_checker=False)
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()  # the loading bar would sit above any later one-line error
+    diffusers_logging.disable_progress_bar()  # the loading bars would sit above any later one-line error
+    transformers_logging.disable_progress_bar()
     try:
         pipe = cls.from_pretrained(str(local) if local.exists() else path, dtype=pipeline_dtype(device, dtype), **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError) as err:

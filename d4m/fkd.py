@@ -116,13 +116,14 @@ def cutmix_box(rng: np.random.Generator, lam: float, size: int) -> list[int]:
 
 
 def draw_epoch(fkd_seed: int, epoch: int, hw: np.ndarray, batch_size: int, input_size: int, mix_type: str,
-               mixup: float, cutmix: float, scale: tuple[float, float]) -> EpochPlan:
-    """Every augmentation parameter of one epoch; depends only on its arguments (not on processes or workers)."""
+               mixup: float, cutmix: float, scale: tuple[float, float], flip: bool = True) -> EpochPlan:
+    """Every augmentation parameter of one epoch; depends only on its arguments (not on processes or workers).
+    Without `flip` no view is mirrored; the other parameters are those of the same plan with flips."""
     rng = np.random.default_rng(derive_seed(fkd_seed, epoch))
     n = len(hw)
     order = rng.permutation(n)
     crops = draw_crops(rng, hw[order], scale)
-    flips = rng.random(n) < 0.5
+    flips = (rng.random(n) < 0.5) & flip
     perm, lam, box = np.zeros(n, np.int64), [], []
     for b in range(num_batches(n, batch_size)):
         start, end = b * batch_size, min((b + 1) * batch_size, n)

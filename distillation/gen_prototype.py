@@ -57,7 +57,8 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
     """Encode the images of `classes` (batches of one class, loaded by workers through pinned memory on CUDA),
     cluster each class once all its latents are in, and write its prototypes to the file."""
     batches = class_batches(members, classes, args.seed, args.batch_size)
-    loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=args.num_workers,
+    workers = min(args.num_workers, os.cpu_count() or 1)  # more than the machine's cores only slows it down
+    loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=workers,
                         pin_memory=device.type == "cuda")
     labels = {index: label for label in classes for index in members[label]}
     encode = latent_encoder(pipe, args.batch_size, compiled)

@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mode", default="fkd_save", choices=["fkd_save"])
     p.add_argument("--fkd-seed", type=int, default=42)
     p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES))
+    p.add_argument("--no-flip", action="store_true",
+                   help="no horizontal flips (for sets where a mirror image is another class: digits, text)")
     p.add_argument("--mixup", type=float, default=0.8)
     p.add_argument("--cutmix", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="torch seed (the store depends on --fkd-seed only)")
@@ -138,7 +140,7 @@ def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict,
         "input_size": args.input_size, "num_classes": record["num_classes"],
         "teacher": {"arch": record["arch"], "source": record["source"]},
         "mean": list(record["mean"]), "std": list(record["std"]),
-        "min_scale": args.min_scale_crops, "max_scale": args.max_scale_crops,
+        "min_scale": args.min_scale_crops, "max_scale": args.max_scale_crops, "flip": not args.no_flip,
         "dtype": "float16" if args.use_fp16 else "float32", "topk": topk, "int8": args.soft_label_int8,
         "teacher_precision": precision,
     }
@@ -221,7 +223,7 @@ def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, hw,
     scale = (args.min_scale_crops, args.max_scale_crops)
     for epoch in tqdm(range(start, args.epochs), disable=progress_off(rank), desc="matching", initial=start, total=args.epochs):
         plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
-                              args.mixup, args.cutmix, scale)
+                              args.mixup, args.cutmix, scale, not args.no_flip)
         parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
         logits = gather_logits(parts, rank, world)
         if rank == 0:

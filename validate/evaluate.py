@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--adamw-weight-decay", type=float, default=0.01)
     p.add_argument("--mix-type", default="cutmix", choices=("cutmix", "mixup", "None"))
     p.add_argument("--use-fp16", action="store_true", help="fp16 soft labels in the stores (matching)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips, in every protocol")
     p.add_argument("--online-recipe", default="rded", choices=("rded", "same"),
                    help="rded: the online runs take RDED's batch size, learning rate per architecture, temperature "
                         "and half-cosine schedule; same: the recipe of the other protocols")
@@ -135,10 +136,14 @@ def match(args: argparse.Namespace, name: str, folder: Path) -> Path:
     store = Path(args.output) / "fkd" / name
     argv = ["--data", folder, "--fkd-path", store, *teacher_flags(args), "-b", args.batch_size, "--epochs",
             args.epochs, "--input-size", args.input_size, "--mix-type", args.mix_type, "-j", args.workers,
-            *validation_flags(args), *(["--use-fp16"] if args.use_fp16 else []),
+            *validation_flags(args), *(["--use-fp16"] if args.use_fp16 else []), *flip_flags(args),
             *(["--no-label-check"] if args.no_label_check else []), *device_flags(args)]
     run(MATCH, argv, Path(args.output) / "logs" / f"match_{name}.log", args.nproc)
     return store
+
+
+def flip_flags(args: argparse.Namespace) -> list:
+    return ["--no-flip"] if args.no_flip else []
 
 
 def device_flags(args: argparse.Namespace) -> list:
@@ -165,7 +170,8 @@ def train(args: argparse.Namespace, name: str, folder: Path, model: str, protoco
     argv = ["--train-dir", folder, "--output-dir", out, "--model", model, "--protocol", protocol,
             "--epochs", args.epochs, "--input-size", args.input_size, "--adamw-weight-decay", args.adamw_weight_decay,
             "--gradient-accumulation-steps", args.gradient_accumulation_steps, "--mix-type", args.mix_type,
-            "--seeds", seeds, "--seed", first_seed, "-j", args.workers, *[v for pair in recipe.items() for v in pair],
+            "--seeds", seeds, "--seed", first_seed, "-j", args.workers, *flip_flags(args),
+            *[v for pair in recipe.items() for v in pair],
             *validation_flags(args), *device_flags(args)]
     if protocol == "fkd":
         argv += ["--fkd-path", store]

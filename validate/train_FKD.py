@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mixup", type=float, default=0.8, help="MixUp's Beta parameter (protocols online, hard)")
     p.add_argument("--cutmix", type=float, default=1.0, help="CutMix's Beta parameter (protocols online, hard)")
     p.add_argument("--min-scale-crops", type=float, default=0.08, help="(protocols online, hard)")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (protocols online, hard)")
     p.add_argument("--max-scale-crops", type=float, default=1.0, help="(protocols online, hard)")
     p.add_argument("--seeds", type=int, default=1,
                    help="train this many students, seeds --seed .. --seed+N-1 (online and hard also shift --fkd_seed), "
@@ -231,7 +233,7 @@ class DrawnPlans:
     def epoch(self, epoch: int, device: torch.device) -> fkd.EpochPlan:
         a = self.args
         return fkd.draw_epoch(self.plan_seed, epoch, self.hw, a.batch_size, a.input_size, self.meta["mix_type"],
-                              a.mixup, a.cutmix, (a.min_scale_crops, a.max_scale_crops))
+                              a.mixup, a.cutmix, (a.min_scale_crops, a.max_scale_crops), not a.no_flip)
 
 
 class TeacherLabels(DrawnPlans):
@@ -526,6 +528,10 @@ def main(argv: list[str] | None = None) -> None:
     loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
     announce("training", device, precision_name(amp), world, rank, f"student {args.model}",
              f"protocol {args.protocol}", loader, *(["SyncBatchNorm"] if args.sync_bn else []))
+    steps = math.ceil(len(paths) / args.batch_size)
+    if steps < 2 and rank == 0:
+        print(f"warning: the {len(paths)} images make one batch of --batch-size {args.batch_size}, so every epoch is a "
+              "single optimiser step; a smaller batch gives more", file=sys.stderr)
     base = Path(args.output_dir)
     check_writable(base, "--output-dir")
     with exclusive_run(base / ".lock", f"output folder {base}", rank, world):
