@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,13 +47,36 @@ def load_prompts(path: str | Path, num_classes: Optional[int] = None) -> list[st
 
 
 def resolve_prompts(dataset: str, label_file: Optional[str], class_names: list[str]) -> list[str]:
-    """The prompts of a dataset: the given file, else the shipped one, else the class-folder names."""
+    """The prompts of a dataset: the given file, else the shipped one, else the class-folder names. A prompt file
+    whose prompts do not name the classes (where the names are words to look for) is refused."""
     if label_file:
-        return load_prompts(label_file, len(class_names))
-    shipped = default_prompt_file(dataset)
-    if shipped is not None:
-        return load_prompts(shipped, len(class_names))
-    return [name.replace("_", " ") for name in class_names]
+        prompts = load_prompts(label_file, len(class_names))
+    elif default_prompt_file(dataset) is not None and dataset != "imagefolder":
+        label_file, prompts = default_prompt_file(dataset), load_prompts(default_prompt_file(dataset), len(class_names))
+    else:
+        return [name.replace("_", " ") for name in class_names]
+    check_prompts_name_classes(class_names, prompts, label_file)
+    return prompts
+
+
+def check_prompts_name_classes(class_names: list[str], prompts: list[str], label_file) -> None:
+    """Where class names are words (not WordNet ids like n01440764, not numbers), most prompts must contain their
+    class's name: a prompt file made for another dataset is refused rather than drawn from for hours."""
+    words = [name.replace("_", " ").lower() for name in class_names if not re.fullmatch(r"n\d{8}|\d+", name)]
+    if len(words) < len(class_names):
+        return
+    naming = [word in prompt.lower() for word, prompt in zip(words, prompts)]
+    if sum(naming) < len(naming) / 2:
+        c = naming.index(False)
+        raise UsageError(f"the prompts of {label_file} do not name this dataset's classes (class {c} is "
+                         f"{class_names[c]!r}, its prompt {prompts[c]!r}); give the prompt file made for these "
+                         "classes, or none to use the class-folder names")
+
+
+def describe_prompts(class_names: list[str], prompts: list[str], shown: int = 3) -> str:
+    """The first classes and their prompts, for the start of a stage."""
+    pairs = ", ".join(f"{name} -> {prompt!r}" for name, prompt in list(zip(class_names, prompts))[:shown])
+    return f"classes and prompts: {pairs}" + (f", ... ({len(prompts)} classes)" if len(prompts) > shown else "")
 
 
 CLASS_LIST = "classes.json"

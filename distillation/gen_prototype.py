@@ -9,7 +9,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
+from d4m.data import DATASETS, class_count, describe_prompts, resolve_prompts, train_dataset
 from d4m.device import (add_device_args, announce, compile_unavailable, memory_format, pick_device,
                         set_deterministic)
 from d4m.diffusion import batch_invariant, load_pipeline
@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=512, help="images are resized to size x size before encoding")
     parser.add_argument("--seed", type=int, default=0, help="seeds the class shuffles and the posterior samples")
     parser.add_argument("--prototype_format", type=str, default="safetensors", choices=FORMATS)
+    parser.add_argument("--name", type=str, default=None,
+                        help="names the outputs (NAME-ipc..., and stage 2's folder); default: the dataset, or for "
+                             "imagefolder the data folder's name")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the VAE encoder (batches are then padded to --batch_size)")
     add_device_args(parser)
@@ -74,10 +77,11 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
 
 
 def write_prototypes(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], prompts: list[str],
-                     class_names: list[str], out: Path, device, rank: int, world: int, compiled: bool) -> None:
+                     class_names: list[str], name: str, out: Path, device, rank: int, world: int,
+                     compiled: bool) -> None:
     """Every process encodes and clusters its classes into one temporary file, which rank 0 then names `out`."""
     num_classes = len(members)
-    metadata = dict(dataset=args.dataset, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
+    metadata = dict(dataset=args.dataset, name=name, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
                     seed=str(args.seed), class_names=json.dumps(class_names), kmeans=args.kmeans)
     tmp = from_rank0(out.with_name(f".{out.name}.build{os.getpid()}"), world)
     writer = PrototypeWriter(out, tmp, prompts, (args.ipc, *latent_shape(pipe, args.size)), metadata,
@@ -120,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     if small:
         name, count = class_names[small[0]], len(members[small[0]])
         raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
-    out = Path(args.save_prototype_path) / prototype_filename(args.dataset, args.ipc, args.km_expand,
-                                                              args.prototype_format)
+    name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
+    out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
     check_writable(out, "--save_prototype_path")
     from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline  # after --help
 
@@ -132,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         pipe.vae.encoder.compile()
     announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
              f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
+    if rank == 0:
+        print(describe_prompts(class_names, prompts), flush=True)
     with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):
-        write_prototypes(args, pipe, data, members, prompts, class_names, out, device, rank, world, compiled)
+        write_prototypes(args, pipe, data, members, prompts, class_names, name, out, device, rank, world, compiled)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, load_prompts, write_class_list
+from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, describe_prompts, load_prompts, write_class_list
 from d4m.device import DTYPES, add_device_args, announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="image j of class c uses noise seeded by (seed, c, j)")
     parser.add_argument("--num_inference_steps", type=int, default=50)
     parser.add_argument("--image_size", type=int, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--name", type=str, default=None,
+                        help="names the output folder; default: the name stage 1 recorded (the dataset, or the image "
+                             "folder's name)")
     parser.add_argument("--resize_filter", default="bicubic", choices=tuple(RESIZE_FILTERS),
                         help="PIL filter of the resize to --image_size (bicubic: PIL's default, as the original saved)")
     parser.add_argument("--negative_prompt", type=str, default="cartoon, anime, painting")
@@ -78,11 +81,14 @@ def label_prompts(args: argparse.Namespace, protos: PrototypeFile) -> list[str]:
     return prompts
 
 
-def output_dir(args: argparse.Namespace, per_class: int) -> Path:
+def output_dir(args: argparse.Namespace, protos: PrototypeFile) -> Path:
+    """save_init_image_path/{name}_ipc{prototypes}_{ipc}_s{strength}_g{guidance}_kmexpand{km_expand}, the name that
+    of stage 1 (the dataset, or an image folder's own name) unless --name is given."""
+    name = args.name or protos.metadata.get("name") or args.dataset
     # floats printed as Python does (s0.7, g8.0), the names the original's runs and the later stages use
-    name = (f"{args.dataset}_ipc{per_class}_{args.ipc}_s{float(args.strength)}_g{float(args.guidance_scale)}"
-            f"_kmexpand{args.km_expand}")
-    return Path(args.save_init_image_path) / name
+    folder = (f"{name}_ipc{protos.per_class}_{args.ipc}_s{float(args.strength)}_g{float(args.guidance_scale)}"
+              f"_kmexpand{args.km_expand}")
+    return Path(args.save_init_image_path) / folder
 
 
 def image_path(root: Path, label: int, index: int, num_classes: int, ipc: int) -> Path:
@@ -171,12 +177,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.ipc % protos.per_class:
         raise UsageError(f"--ipc {args.ipc} is not a multiple of the {protos.per_class} prototypes per class in "
                          f"{args.prototype_path}; use a multiple of {protos.per_class}")
-    root = output_dir(args, protos.per_class)
+    root = output_dir(args, protos)
     jobs = [(c, j, image_path(root, c, j, len(prompts), args.ipc)) for c in range(len(prompts)) for j in range(args.ipc)]
     remaining = [job for job in jobs if not job[2].exists()]  # written atomically, so an existing file is complete
     dtype = str(pipeline_dtype(device, args.dtype)).removeprefix("torch.")
     announce("synthesis", device, dtype, world, rank, f"batch {args.batch_size}" + (", compile" if args.compile else ""),
              f"{len(remaining)} of {len(jobs)} images to make")
+    names = json.loads(protos.metadata.get("class_names", "null")) or [str(c) for c in range(len(prompts))]
+    if rank == 0:
+        print(describe_prompts(names, prompts), flush=True)
     check_writable(root, "--save_init_image_path")
     todo = my_share(remaining, rank, world)
     pipe = load_synthesis_pipeline(args, device, rank) if todo else None
@@ -185,7 +194,6 @@ def main(argv: list[str] | None = None) -> None:
             synthesize(args, pipe, protos, prompts, todo, device, rank)
         barrier()
         if rank == 0:
-            names = json.loads(protos.metadata.get("class_names", "null")) or [str(c) for c in range(len(prompts))]
             write_class_list(root, names, prompts)
             print(f"{len(prompts)} classes x {args.ipc} images in {root}")
 

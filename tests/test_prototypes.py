@@ -52,7 +52,7 @@ def reference_centres(data, sd, label, seed=3, ipc=2, km_expand=2, batch_size=4)
 def test_centres_match_sklearn_and_json_matches_binary(image_folder, tiny_sd, tmp_path):
     out = tmp_path / "protos"
     assert run_script(SCRIPT, args(image_folder, tiny_sd, out)) == 0
-    protos = PrototypeFile(out / "imagefolder-ipc2-kmexpand2.safetensors")
+    protos = PrototypeFile(out / "data-ipc2-kmexpand2.safetensors")
     assert protos.shape == (3, 2, 4, 16, 16) and protos.all().shape == protos.shape
     assert protos.prompts == ["class0", "class1", "class2"]
     assert json.loads(protos.metadata["class_names"]) == ["class0", "class1", "class2"]
@@ -62,10 +62,10 @@ def test_centres_match_sklearn_and_json_matches_binary(image_folder, tiny_sd, tm
         np.testing.assert_allclose(protos.of_class(label).numpy(), centres, atol=1e-6, rtol=0)
         assert protos.nearest()[label].tolist() == nearest and len(set(nearest)) == 2
     assert run_script(SCRIPT, args(image_folder, tiny_sd, out, "--prototype_format", "json")) == 0
-    as_json = PrototypeFile(out / "imagefolder-ipc2-kmexpand2.json")
+    as_json = PrototypeFile(out / "data-ipc2-kmexpand2.json")
     assert as_json.prompts == protos.prompts
     assert torch.equal(as_json.all(), protos.all())
-    data = json.loads((out / "imagefolder-ipc2-kmexpand2.json").read_text())
+    data = json.loads((out / "data-ipc2-kmexpand2.json").read_text())
     assert list(data) == protos.prompts and np.array(data["class0"]).shape == (2, 4, 16, 16)
 
 
@@ -73,7 +73,7 @@ def test_two_processes_and_another_batch_size_write_the_same_file(image_folder, 
     assert run_script(SCRIPT, args(image_folder, tiny_sd, tmp_path / "one", "--batch_size", 4)) == 0
     done = run_torchrun(SCRIPT, args(image_folder, tiny_sd, tmp_path / "two", "--batch_size", 3, "--num_workers", 1))
     assert done.returncode == 0, done.stderr[-2000:]
-    name = "imagefolder-ipc2-kmexpand2.safetensors"
+    name = "data-ipc2-kmexpand2.safetensors"
     assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
@@ -102,8 +102,11 @@ BAD = {
     "unreadable image": lambda data, sd, tmp: (["--data_dir", _corrupt(data), "--num_workers", 2], "3.png"),
     "not a model": lambda data, sd, tmp: (["--diffusion_checkpoints_path", tmp], "model_index.json"),
     "too few images": lambda data, sd, tmp: (["--ipc", 7], "fewer than --ipc 7"),
+    "prompts of another dataset": lambda data, sd, tmp: (
+        ["--label_file_path", _label_file(tmp, ["T-shirt/top", "Trouser", "Pullover"])],
+        "do not name this dataset's classes (class 0 is 'class0', its prompt 'T-shirt/top')"),
     "repeated prompts as json": lambda data, sd, tmp: (
-        ["--label_file_path", _label_file(tmp, ["crane", "dog", "crane"]), "--prototype_format", "json"],
+        ["--label_file_path", _label_file(tmp, ["class0", "class1", "class0"]), "--prototype_format", "json"],
         "default --prototype_format safetensors"),
 }
 
@@ -152,13 +155,15 @@ def test_inertia_is_the_sum_of_squared_distances_to_the_nearest_centre():
 def test_kmeans_method_and_inertia_are_reported_and_stored(method, image_folder, tiny_sd, tmp_path, capsys):
     out = tmp_path / "protos"
     assert run_script(SCRIPT, args(image_folder, tiny_sd, out, "--kmeans", method)) == 0
-    protos = PrototypeFile(out / "imagefolder-ipc2-kmexpand2.safetensors")
+    protos = PrototypeFile(out / "data-ipc2-kmexpand2.safetensors")
     assert protos.shape == (3, 2, 4, 16, 16)
     inertias = protos.inertia()
     assert protos.metadata["kmeans"] == method and inertias.dtype == torch.float64
     assert inertias.shape == (3,) and bool((inertias > 0).all())
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "prototypes: cpu (1 threads), float32, 1 process, VAE batch 4"
+    assert out.splitlines()[1] == "classes and prompts: class0 -> 'class0', class1 -> 'class1', class2 -> 'class2'"
+    assert protos.metadata["name"] == "data"  # an image folder's outputs are named after it
     assert f"k-means {method}: mean per-class inertia {float(inertias.mean()):.6g}" in out
 
 

@@ -31,7 +31,7 @@ def test_nearest_copies_the_images_the_prototype_file_names(image_folder, tiny_s
         "--dataset", "imagefolder", "--data_dir", image_folder, "--diffusion_checkpoints_path", tiny_sd,
         "--save_prototype_path", protos, "--size", 32, "--ipc", 2, "--km_expand", 2, "--batch_size", 4,
         "--num_workers", 0, "--device", "cpu"]) == 0
-    path = protos / "imagefolder-ipc2-kmexpand2.safetensors"
+    path = protos / "data-ipc2-kmexpand2.safetensors"
     nearest = PrototypeFile(path).nearest()
     assert run_script(SCRIPT, ["--dataset", "imagefolder", "--data_dir", image_folder, "--select", "nearest",
                                "--prototype_path", path, "--output", tmp_path / "near"]) == 0
