@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from d4m.runtime import UsageError, atomic_path
+from d4m.outputs import atomic_path
+from d4m.runtime import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT_DIR = REPO_ROOT / "distillation" / "label-prompt"

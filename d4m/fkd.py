@@ -37,7 +37,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from d4m.runtime import UsageError, atomic_path, derive_seed
+from d4m.outputs import atomic_path
+from d4m.runtime import UsageError, derive_seed
 from d4m.views import CropViews, PilViews, iterate_views
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)

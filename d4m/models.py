@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
-from d4m.runtime import UsageError, atomic_path
+from d4m.outputs import atomic_path
+from d4m.runtime import UsageError
 
 EXTRA_ARCHS = ("convnet", "resnet18_modified")
 

@@ -17,8 +17,8 @@ from d4m.kmeans import METHODS, class_centres, nearest_members
 from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
                          shuffled)
 from d4m.prototypes import FORMATS, PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
-from d4m.runtime import (UsageError, barrier, check_writable, cli, exclusive_run, first_error, from_rank0,
-                         init_distributed, progress_off)
+from d4m.outputs import check_writable, exclusive_run
+from d4m.runtime import UsageError, barrier, cli, first_error, from_rank0, init_distributed, progress_off
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

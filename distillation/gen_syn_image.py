@@ -15,8 +15,8 @@ from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, describe_prompt
 from d4m.device import DTYPES, add_device_args, announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
-from d4m.runtime import (UsageError, atomic_path, barrier, check_writable, cli, exclusive_run, init_distributed,
-                         progress_off, seeded_generator)
+from d4m.outputs import atomic_path, check_writable, exclusive_run
+from d4m.runtime import UsageError, barrier, cli, init_distributed, progress_off, seeded_generator
 
 
 RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset, write_class_list
 from d4m.prototypes import PrototypeFile
-from d4m.runtime import UsageError, atomic_path, check_writable, cli, exclusive, progress_off
+from d4m.outputs import atomic_path, check_writable, exclusive
+from d4m.runtime import UsageError, cli, progress_off
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
 from d4m.device import announce, pick_device
-from d4m.runtime import UsageError, atomic_path, cli, progress_off
+from d4m.outputs import atomic_path
+from d4m.runtime import UsageError, cli, progress_off
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

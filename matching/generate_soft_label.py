@@ -20,8 +20,8 @@ from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
 from d4m.models import load_pretrained, load_teacher_file
-from d4m.runtime import (UsageError, atomic_path, barrier, check_writable, cli, exclusive_run, first_error,
-                         init_distributed, progress_off)
+from d4m.outputs import atomic_path, check_writable, exclusive_run
+from d4m.runtime import UsageError, barrier, cli, first_error, init_distributed, progress_off
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -25,7 +25,8 @@ from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, ImageFolderDatase
 from d4m.device import announce, pick_device
 from d4m.models import architectures, build_model, save_teacher
 from d4m.views import image_sizes
-from d4m.runtime import UsageError, check_writable, cli, exclusive, progress_off
+from d4m.outputs import check_writable, exclusive
+from d4m.runtime import UsageError, cli, progress_off
 
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
 # Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -137,7 +138,7 @@ def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_taken_o
     store.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (store / ".lock").write_text(f"{sleeper.pid} {runtime.socket.gethostname()}")
+        (store / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}")
         assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 2
         assert f"being written by another run (process {sleeper.pid})" in one_error_line(capsys)
         assert sorted(p.name for p in store.iterdir()) == [".lock"]

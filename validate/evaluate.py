@@ -28,7 +28,8 @@ from pathlib import Path
 
 from d4m.data import DATASETS, ImageFolderDataset
 from d4m.models import load_teacher_file
-from d4m.runtime import UsageError, atomic_path, check_writable, cli, exclusive
+from d4m.outputs import atomic_path, check_writable, exclusive
+from d4m.runtime import UsageError, cli
 
 REPO = Path(__file__).resolve().parent.parent
 MATCH = REPO / "matching" / "generate_soft_label.py"

@@ -23,7 +23,8 @@ from d4m import labelcheck
 from d4m.data import DATASETS, ImageFolderDataset, load_rgb, val_dataset
 from d4m.models import load_teacher_file
 from d4m.prototypes import PrototypeFile
-from d4m.runtime import UsageError, atomic_path, cli
+from d4m.outputs import atomic_path
+from d4m.runtime import UsageError, cli
 
 CELL = 64  # pixels per image in the picture of the set
 GAP = 12

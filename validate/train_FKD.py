@@ -40,7 +40,8 @@ from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autoc
                         pick_device, precision_name, set_deterministic)
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.models import build_model, load_pretrained, load_teacher_file
-from d4m.runtime import UsageError, atomic_path, check_writable, cli, exclusive_run, init_distributed, progress_off
+from d4m.outputs import atomic_path, check_writable, exclusive_run
+from d4m.runtime import UsageError, cli, init_distributed, progress_off
 
 PROTOCOLS = ("fkd", "online", "hard")
 SCHEDULES = ("linear", "cosine", "half-cosine")
