@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder, run_script
-from d4m import fkd, runtime
+from d4m import fkd
 from d4m.data import ImageFolderDataset, load_rgb, write_class_list
 from d4m.prototypes import save_prototypes
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
