@@ -1,7 +1,10 @@
-"""Writing outputs safely: atomic renames, writability checked before the work, one writer per output."""
+"""Writing outputs safely: atomic renames, writability checked before the work, one writer per output, and a
+manifest of the settings that made an output folder."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -93,3 +96,67 @@ def exclusive_run(lock: str | os.PathLike, what: str, rank: int, world: int) -> 
         raise UsageError(error)
     with held:
         yield
+
+
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b of a file's bytes (read in 16 MiB chunks: about a second per GB)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def text_digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _holds_outputs(folder: Path) -> bool:
+    return any(p.is_file() and not p.name.startswith(".") and p.name != MANIFEST for p in folder.rglob("*"))
+
+
+def claim_folder(folder: str | os.PathLike, settings: dict, flag: str, write: bool) -> None:
+    """An output folder records the settings its files were made with in manifest.json: a run with other settings,
+    or a folder of files without a manifest, is refused, so that a resume never mixes the outputs of two runs.
+    With `write`, a folder without outputs takes this run's settings. `settings` must hold JSON values only."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    recorded = _read_manifest(path)
+    if recorded == settings:
+        return
+    if folder.is_dir() and _holds_outputs(folder):
+        if recorded is None:
+            raise UsageError(f"{folder} holds files but no readable {MANIFEST}, so the settings they were made with "
+                             f"are unknown; remove the folder or choose another {flag}")
+        differ = [k for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
+        shown = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ[:3])
+        raise UsageError(f"{folder} holds files made with other settings ({shown}); rerun with the settings it "
+                         f"records in {MANIFEST} to resume, or choose another {flag}")
+    if write:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def claim_folder_run(folder: str | os.PathLike, settings: dict | None, flag: str, write: bool, rank: int,
+                     world: int) -> None:
+    """`claim_folder` done by rank 0 (the others may pass None); every process of the run learns of a refusal."""
+    error = ""
+    if rank == 0:
+        try:
+            claim_folder(folder, settings, flag, write)
+        except UsageError as err:
+            error = str(err)
+    error = first_error(error, world)
+    if error:
+        raise UsageError(error)

@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch_size", type=int, default=10,
                         help="images per VAE call (batches never cross classes; 64 or more is faster on a GPU)")
-    parser.add_argument("--data_dir", type=str, default=None, help="dataset root (train/ inside for ImageFolder sets)")
+    parser.add_argument("--data_dir", "--data-dir", type=str, default=None,
+                        help="dataset root (train/ inside for ImageFolder sets)")
     parser.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS)
     parser.add_argument("--diffusion_checkpoints_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="local diffusers folder or hub id")
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kmeans", type=str, default="faithful", choices=METHODS,
                         help="faithful: the original's per-class MiniBatchKMeans fed km_expand*ipc latents at a time; "
                              "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device")
-    parser.add_argument("--label_file_path", type=str, default=None, help="one prompt per class, in class order")
+    parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None,
+                        help="one prompt per class, in class order")
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
     parser.add_argument("--size", type=int, default=512, help="images are resized to size x size before encoding")

@@ -15,7 +15,7 @@ from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, describe_prompt
 from d4m.device import DTYPES, add_device_args, announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
-from d4m.outputs import atomic_path, check_writable, exclusive_run
+from d4m.outputs import atomic_path, check_writable, claim_folder_run, exclusive_run, file_digest, text_digest
 from d4m.runtime import UsageError, barrier, cli, init_distributed, progress_off, seeded_generator
 
 
@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", "-g", type=float, default=8.0)
     parser.add_argument("--ipc", type=int, default=1, help="images per class; a multiple of the prototypes per class")
     parser.add_argument("--km_expand", type=int, default=10, help="only names the output folder")
-    parser.add_argument("--label_file_path", type=str, default=None, help="one prompt per class, in class order")
+    parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None,
+                        help="one prompt per class, in class order")
     parser.add_argument("--prototype_path", type=str, required=True, help="a .safetensors or .json prototype file")
     parser.add_argument("--save_init_image_path", type=str, default="outputs/syn")
     parser.add_argument("--strength", "-s", type=float, default=0.75)
@@ -89,6 +90,17 @@ def output_dir(args: argparse.Namespace, protos: PrototypeFile) -> Path:
     folder = (f"{name}_ipc{protos.per_class}_{args.ipc}_s{float(args.strength)}_g{float(args.guidance_scale)}"
               f"_kmexpand{args.km_expand}")
     return Path(args.save_init_image_path) / folder
+
+
+def synthesis_settings(args: argparse.Namespace, prompts: list[str], dtype: str) -> dict:
+    """What decides the images, recorded in the output folder's manifest: a resume must use the same (batch size,
+    device and worker count do not change the images; --compile changes their last bits only)."""
+    model = args.diffusion_checkpoints_path
+    return {"prototype_file": file_digest(args.prototype_path), "prompts": text_digest("\n".join(prompts)),
+            "model": str(Path(model).resolve()) if Path(model).is_dir() else model, "dtype": dtype,
+            "seed": args.seed, "ipc": args.ipc, "strength": args.strength, "guidance_scale": args.guidance_scale,
+            "num_inference_steps": args.num_inference_steps, "negative_prompt": args.negative_prompt,
+            "image_size": args.image_size, "resize_filter": args.resize_filter, "safety_checker": args.safety_checker}
 
 
 def image_path(root: Path, label: int, index: int, num_classes: int, ipc: int) -> Path:
@@ -179,24 +191,26 @@ def main(argv: list[str] | None = None) -> None:
                          f"{args.prototype_path}; use a multiple of {protos.per_class}")
     root = output_dir(args, protos)
     jobs = [(c, j, image_path(root, c, j, len(prompts), args.ipc)) for c in range(len(prompts)) for j in range(args.ipc)]
-    remaining = [job for job in jobs if not job[2].exists()]  # written atomically, so an existing file is complete
     dtype = str(pipeline_dtype(device, args.dtype)).removeprefix("torch.")
+    names = json.loads(protos.metadata.get("class_names", "null")) or [str(c) for c in range(len(prompts))]
+    check_writable(root, "--save_init_image_path")
+    settings = synthesis_settings(args, prompts, dtype) if rank == 0 else None
+    claim_folder_run(root, settings, "--save_init_image_path", False, rank, world)
+    remaining = [job for job in jobs if not job[2].exists()]  # written atomically, so an existing file is complete
     announce("synthesis", device, dtype, world, rank, f"batch {args.batch_size}" + (", compile" if args.compile else ""),
              f"{len(remaining)} of {len(jobs)} images to make")
-    names = json.loads(protos.metadata.get("class_names", "null")) or [str(c) for c in range(len(prompts))]
     if rank == 0:
         print(describe_prompts(names, prompts), flush=True)
-    check_writable(root, "--save_init_image_path")
     todo = my_share(remaining, rank, world)
     pipe = load_synthesis_pipeline(args, device, rank) if todo else None
     with exclusive_run(root / ".lock", f"image folder {root}", rank, world):
+        claim_folder_run(root, settings, "--save_init_image_path", True, rank, world)
         if todo:
             synthesize(args, pipe, protos, prompts, todo, device, rank)
         barrier()
         if rank == 0:
             write_class_list(root, names, prompts)
             print(f"{len(prompts)} classes x {args.ipc} images in {root}")
-
 
 if __name__ == "__main__":
     main()

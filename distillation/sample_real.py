@@ -19,21 +19,21 @@ from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset, write_class_list
 from d4m.prototypes import PrototypeFile
-from d4m.outputs import atomic_path, check_writable, exclusive
+from d4m.outputs import atomic_path, check_writable, claim_folder, exclusive, file_digest
 from d4m.runtime import UsageError, cli, progress_off
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
-    parser.add_argument("--data_dir", required=True)
+    parser.add_argument("--data_dir", "--data-dir", required=True)
     parser.add_argument("--select", default="random", choices=("random", "nearest"))
     parser.add_argument("--prototype_path", default=None, help="stage 1's prototype file (with --select nearest)")
     parser.add_argument("--ipc", type=int, default=None,
                         help="images per class (default 10; with --select nearest the prototypes per class)")
     parser.add_argument("--size", type=int, default=None, help="resize to size x size (default: keep)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random draw")
-    parser.add_argument("--label_file_path", default=None, help="prompts recorded in classes.json")
+    parser.add_argument("--label_file_path", "--label-file-path", default=None, help="prompts recorded in classes.json")
     parser.add_argument("--output", required=True, help="folder to write <class>/<image>.png into")
     args = parser.parse_args(argv)
     if args.ipc is not None and args.ipc < 1:
@@ -85,9 +85,18 @@ def main(argv: list[str] | None = None) -> None:
         picks = pick_per_class(data.targets, num_classes, args.ipc or 10, args.seed)
     check_writable(args.output, "--output")
     with exclusive(Path(args.output) / ".lock", f"image folder {args.output}"):
+        claim_folder(args.output, draw_settings(args), "--output", write=True)
         write_images(data, picks, Path(args.output), args.size)
         write_class_list(args.output, class_names, prompts)
     print(f"wrote {sum(len(p) for p in picks)} images to {args.output}")
+
+
+def draw_settings(args: argparse.Namespace) -> dict:
+    """What decides the images, recorded in the output folder's manifest: a rerun with others is refused."""
+    chosen_by = ({"prototype_file": file_digest(args.prototype_path)} if args.select == "nearest"
+                 else {"seed": args.seed, "ipc": args.ipc or 10})
+    return {"dataset": args.dataset, "data_dir": str(Path(args.data_dir).resolve()), "select": args.select,
+            "size": args.size, **chosen_by}
 
 
 def write_images(data, picks: list[list[int]], output: Path, size: int | None) -> None:

@@ -45,11 +45,14 @@ DEFAULT_NEGATIVE = "cartoon, anime, painting"
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=[d for d in DATASETS if d != "imagenet"])
-    p.add_argument("--data_dir", required=True, help="dataset folder (ImageFolder datasets: the folder holding train/)")
-    p.add_argument("--label_file_path", default=None, help="one prompt per class; default: the shipped file or folder names")
+    p.add_argument("--data_dir", "--data-dir", required=True,
+                   help="dataset folder (ImageFolder datasets: the folder holding train/)")
+    p.add_argument("--label_file_path", "--label-file-path", default=None,
+                   help="one prompt per class; default: the shipped file or folder names")
     p.add_argument("--output", required=True, help="folder the diffusers pipeline is saved to")
     p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--max_images", type=int, default=0, help="use at most this many training images, a seeded random subset (0: all)")
+    p.add_argument("--max_images", type=int, default=0,
+                   help="use at most this many training images, a seeded random subset (0: all)")
     p.add_argument("--vae_channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--text_dim", type=int, default=64)

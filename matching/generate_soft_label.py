@@ -57,8 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     p.add_argument("--dataset", default=None, choices=list(DATASETS),
                    help="with --data-dir: the real validation split the label check also scores the teacher on")
-    p.add_argument("--data-dir", default=None, help="the dataset's folder (label check)")
-    p.add_argument("--val-dir", default=None, help="or a real validation ImageFolder (label check)")
+    p.add_argument("--data-dir", "--data_dir", default=None, help="the dataset's folder (label check)")
+    p.add_argument("--val-dir", "--val_dir", default=None, help="or a real validation ImageFolder (label check)")
     p.add_argument("--no-label-check", action="store_true",
                    help="skip the check, before matching, that teacher, synthetic folders and prompts share one "
                         "class order")

@@ -36,7 +36,7 @@ SMALL_INPUT = 64
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
-    p.add_argument("--data-dir", required=True, help="dataset folder (ImageFolder datasets: the folder holding train/ and val/)")
+    p.add_argument("--data-dir", "--data_dir", required=True, help="dataset folder (ImageFolder datasets: the folder holding train/ and val/)")
     p.add_argument("-a", "--arch", default="convnet", help="torchvision classification model name, convnet or resnet18_modified")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("-b", "--batch-size", type=int, default=128)

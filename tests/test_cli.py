@@ -38,6 +38,9 @@ def test_help_does_not_load_the_heavy_libraries(script):
                           text=True, env=env(), cwd=REPO)
     assert "usage:" in done.stdout, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "heavy:", done.stdout[-500:]
+    for flag in ("--data-dir", "--val-dir", "--train-dir", "--label-file-path"):  # both spellings, or neither
+        spellings = {flag, "--" + flag[2:].replace("-", "_")}
+        assert {s for s in spellings if s in done.stdout} in (set(), spellings), (script, flag)
 
 
 def test_a_log_file_gets_lines_not_progress_bars(tmp_path):

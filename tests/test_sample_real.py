@@ -59,3 +59,15 @@ def test_bad_input_is_one_line_and_exit_2(image_folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_draw_into_the_same_folder_is_refused(image_folder, tmp_path, capsys):
+    common = ["--dataset", "imagefolder", "--data_dir", image_folder, "--output", tmp_path / "out", "--ipc", 2]
+    assert run_script(SCRIPT, common + ["--seed", 1]) == 0
+    assert run_script(SCRIPT, common + ["--seed", 1]) == 0  # the same draw again
+    before = sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*.png"))
+    capsys.readouterr()
+    assert run_script(SCRIPT, common + ["--seed", 2]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings (seed: 1 there, 2 now)" in err[0], err
+    assert sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*.png")) == before

@@ -1,4 +1,5 @@
 """distillation/gen_syn_image.py: layout, determinism across batch size and processes, resume, bad input."""
+import json
 import os
 
 import pytest
@@ -69,6 +70,34 @@ def test_resume_remakes_only_missing_images(prototypes, tiny_sd, tmp_path, refer
     assert {p: os.stat(p).st_mtime_ns for p in before} == before
     assert (root / "1/2.png").read_bytes() == reference["1/2.png"]
     assert images(root) == reference
+
+
+def test_a_resume_with_other_settings_is_refused_and_mixes_nothing(prototypes, tiny_sd, tmp_path, reference, capsys):
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path, "--batch_size", 6)) == 0
+    root = tmp_path / FOLDER
+    (root / "1/2.png").unlink()
+    manifest = (root / "manifest.json").read_text()
+    capsys.readouterr()
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path) + ["--seed", 2]) == 2
+    err = shown(capsys.readouterr().err)
+    assert len(err) == 1 and "holds files made with other settings (seed: 1 there, 2 now)" in err[0], err
+    assert not (root / "1/2.png").exists() and (root / "manifest.json").read_text() == manifest
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path)) == 0  # the recorded settings resume
+    assert images(root) == reference
+
+
+def test_images_without_a_manifest_are_refused_and_an_empty_claim_is_taken_over(prototypes, tiny_sd, tmp_path,
+                                                                               capsys):
+    root = tmp_path / FOLDER
+    (root / "0").mkdir(parents=True)
+    (root / "0/0.png").write_bytes(b"made by someone else")
+    capsys.readouterr()
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path)) == 2
+    assert "holds files but no readable manifest.json" in shown(capsys.readouterr().err)[0]
+    (root / "0/0.png").unlink()
+    (root / "manifest.json").write_text('{"seed": 7}')  # a run that stopped before its first image
+    assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path)) == 0
+    assert json.loads((root / "manifest.json").read_text())["seed"] == 1
 
 
 def test_torchrun_two_processes_make_the_same_images(prototypes, tiny_sd, tmp_path, reference):

@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="an image set (ImageFolder) to evaluate, e.g. d4m=..., random=..., nearest=...; several "
                         "folders (one per seed: random draws with other sampling seeds) train one student each")
     p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
-    p.add_argument("--data-dir", default=None, help="the dataset's folder (its validation split)")
-    p.add_argument("--val-dir", default=None, help="a real validation ImageFolder (with --dataset imagefolder)")
+    p.add_argument("--data-dir", "--data_dir", default=None, help="the dataset's folder (its validation split)")
+    p.add_argument("--val-dir", "--val_dir", default=None, help="a real validation ImageFolder (with --dataset imagefolder)")
     p.add_argument("--teacher-path", default=None, help="teacher file of matching/train_teacher.py")
     p.add_argument("-a", "--arch", default=None, help="else a torchvision teacher with its ImageNet weights")
     p.add_argument("--models", default="resnet18", help="comma-separated student architectures")

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--evals", nargs="+", required=True, help="output folders of validate/evaluate.py")
     p.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", "--data_dir", required=True)
     p.add_argument("--teacher-path", required=True)
     p.add_argument("--output-json", required=True)
     p.add_argument("--curve", default=None, help="PNG of top-1 against IPC")

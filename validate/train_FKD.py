@@ -54,10 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-epoch", type=int, default=0)
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("-j", "--workers", type=int, default=4)
-    p.add_argument("--train-dir", required=True, help="the synthetic ImageFolder used for matching")
-    p.add_argument("--val-dir", default=None, help="real validation ImageFolder (with --dataset imagefolder)")
+    p.add_argument("--train-dir", "--train_dir", required=True, help="the synthetic ImageFolder used for matching")
+    p.add_argument("--val-dir", "--val_dir", default=None, help="real validation ImageFolder (with --dataset imagefolder)")
     p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
-    p.add_argument("--data-dir", default=None, help="the dataset's folder for its validation split")
+    p.add_argument("--data-dir", "--data_dir", default=None, help="the dataset's folder for its validation split")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--cos", action="store_true", help="cosine schedule (= --lr-schedule cosine)")
     p.add_argument("--lr-schedule", default=None, choices=SCHEDULES,
