@@ -5,10 +5,17 @@
 #                                   # a results table, the accuracy-vs-IPC curve and a picture of the set
 #   IPCS="1 2 5 10" SEEDS=3 bash run_all.sh      # the curve over several IPCs, three seeds each
 #   MODELS=convnet,resnet18_modified PROTOCOLS=fkd,online,hard bash run_all.sh
+#   DATA_DIR=my_data bash run_all.sh imagefolder # your own data (my_data/train/<class>/, my_data/val/<class>/), the
+#                                   # same evaluation; without SD_MODEL a tiny LDM is trained on it first, without
+#                                   # TEACHER a ConvNet teacher; NO_FLIP=1 where flipping changes the class (digits)
 #   bash run_all.sh imagenet        # chains that dataset's four launchers (also tiny_imagenet, cifar10, cifar100)
 # The launchers' environment applies here too and reaches every stage: DATA_DIR, SD_MODEL, TEACHER, IPC (default 10),
-# SEEDS (default 1), OUT_DIR (default outputs), NPROC and PYTHON. The Fashion-MNIST chain also reads IPCS, MODELS and
-# PROTOCOLS, writes its table to $OUT_DIR and its pictures to misc/, or to $OUT_DIR as well when OUT_DIR is set.
+# SEEDS (default 1), OUT_DIR (default outputs), NPROC and PYTHON. The Fashion-MNIST and imagefolder chains also read
+# IPCS, MODELS, PROTOCOLS, EPOCHS (the students', default 150) and EVAL_FLAGS (more flags of validate/evaluate.py).
+# imagefolder also reads NAME (default: the data folder's name), IMAGE_SIZE (the distilled images' side: 32 with the
+# tiny LDM, 224 with SD_MODEL), LDM_SIZE (the side stage 1 encodes: IMAGE_SIZE with the tiny LDM, 512 with SD_MODEL),
+# LDM_FLAGS and TEACHER_FLAGS (more flags of distillation/train_tiny_ldm.py and matching/train_teacher.py), NO_FLIP.
+# Fashion-MNIST writes its pictures to misc/ (to OUT_DIR when OUT_DIR is set), imagefolder to OUT_DIR.
 # Stages resume: rerunning after an interruption continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -32,57 +39,125 @@ case "$DATASET" in
         bash "matching/matching_$DATASET.sh"
         bash "validate/train_FKD_$DATASET.sh"
         exit 0 ;;
-    fashion_mnist) ;;
+    fashion_mnist|imagefolder) ;;
     *)
-        echo "error: unknown dataset '$DATASET'; choose fashion_mnist (default), imagenet, tiny_imagenet, cifar10 or cifar100" >&2
+        echo "error: unknown dataset '$DATASET'; choose fashion_mnist (default), imagefolder, imagenet, tiny_imagenet, cifar10 or cifar100" >&2
         exit 2 ;;
 esac
 
 MISC=misc
 if [ -n "${OUT_DIR:-}" ]; then MISC=$OUT_DIR; fi  # a run of one's own keeps the README's pictures
 export OUT_DIR=${OUT_DIR:-outputs}
-export DATA_DIR=${DATA_DIR:-data/fashion_mnist}
-export SD_MODEL=${SD_MODEL:-models/fashion_mnist/ldm}
-export TEACHER=${TEACHER:-models/fashion_mnist/teacher_convnet.pt}
 IPCS=${IPCS:-$IPC}
 SEEDS=${SEEDS:-1}
 MODELS=${MODELS:-convnet}
 PROTOCOLS=${PROTOCOLS:-fkd,hard}
-for value in $IPCS $SEEDS; do
-    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: IPCS and SEEDS take positive integers, got '$value'" >&2; exit 2; }
+EPOCHS=${EPOCHS:-150}
+for value in $IPCS $SEEDS $EPOCHS; do
+    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: IPCS, SEEDS and EPOCHS take positive integers, got '$value'" >&2; exit 2; }
 done
+RUN=("$PYTHON")
+if [ -n "${NPROC:-}" ]; then
+    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
+    RUN=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC")
+fi
+FLIP=()
+if [ -n "${NO_FLIP:-}" ]; then FLIP=(--no-flip); fi
+
+if [ "$DATASET" = fashion_mnist ]; then
+    export DATA_DIR=${DATA_DIR:-data/fashion_mnist}
+    export SD_MODEL=${SD_MODEL:-models/fashion_mnist/ldm}
+    export TEACHER=${TEACHER:-models/fashion_mnist/teacher_convnet.pt}
+    NAME=fashion_mnist
+    IMAGE_SIZE=32
+    REAL_SIZE=()  # the real images keep their 28 px: the students' crops bring every image to 32 px
+else
+    if [ -z "${DATA_DIR:-}" ] || [ ! -d "$DATA_DIR/train" ] || [ ! -d "$DATA_DIR/val" ]; then
+        echo "error: run_all.sh imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders" >&2
+        exit 2
+    fi
+    MISC=$OUT_DIR
+    NAME=${NAME:-$(basename "$(cd "$DATA_DIR" && pwd)")}
+    if [ -z "${SD_MODEL:-}" ]; then
+        IMAGE_SIZE=${IMAGE_SIZE:-32}
+        LDM_SIZE=${LDM_SIZE:-$IMAGE_SIZE}
+        SD_MODEL=$OUT_DIR/models/$NAME/ldm
+        if [ ! -e "$SD_MODEL/model_index.json" ]; then
+            echo "== no SD_MODEL: a tiny LDM trained on $DATA_DIR ($SD_MODEL)"
+            # shellcheck disable=SC2086  # LDM_FLAGS holds several flags
+            "$PYTHON" distillation/train_tiny_ldm.py --dataset imagefolder --data-dir "$DATA_DIR" --output "$SD_MODEL" \
+                --image_size "$LDM_SIZE" ${LDM_FLAGS:-}
+        fi
+    else
+        IMAGE_SIZE=${IMAGE_SIZE:-224}
+        LDM_SIZE=${LDM_SIZE:-512}
+    fi
+    if [ -z "${TEACHER:-}" ]; then
+        TEACHER=$OUT_DIR/models/$NAME/teacher_convnet.pt
+        if [ ! -e "$TEACHER" ]; then
+            echo "== no TEACHER: a ConvNet teacher trained on $DATA_DIR ($TEACHER)"
+            # shellcheck disable=SC2086  # TEACHER_FLAGS holds several flags
+            "$PYTHON" matching/train_teacher.py --dataset imagefolder --data-dir "$DATA_DIR" -a convnet \
+                --input-size "$IMAGE_SIZE" "${FLIP[@]}" --output "$TEACHER" ${TEACHER_FLAGS:-}
+        fi
+    fi
+    export DATA_DIR SD_MODEL TEACHER
+    REAL_SIZE=(--size "$IMAGE_SIZE")  # real photos of any size, made the size of D4M's images
+fi
+
+prototypes() {
+    if [ "$DATASET" = fashion_mnist ]; then
+        bash distillation/gen_prototype_fashion_mnist.sh
+    elif [ ! -e "$PROTOTYPES" ]; then
+        "${RUN[@]}" distillation/gen_prototype.py --dataset imagefolder --data-dir "$DATA_DIR" --name "$NAME" \
+            --diffusion_checkpoints_path "$SD_MODEL" --ipc "$IPC" --km_expand 1 --size "$LDM_SIZE" \
+            --save_prototype_path "$OUT_DIR/prototypes"
+    fi
+}
+
+synthesis() {
+    if [ "$DATASET" = fashion_mnist ]; then
+        bash distillation/gen_syn_image_fashion_mnist.sh
+    else
+        "${RUN[@]}" distillation/gen_syn_image.py --dataset imagefolder --diffusion_checkpoints_path "$SD_MODEL" \
+            --prototype_path "$PROTOTYPES" --save_init_image_path "$OUT_DIR/syn" --ipc "$IPC" --km_expand 1 \
+            --guidance_scale 8 --strength 0.7 --image_size "$IMAGE_SIZE"
+    fi
+}
+
 start=$(date +%s)
 EVALS=()
 for IPC in $IPCS; do
     export IPC
-    NAME=fashion_mnist_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
-    PROTOTYPES=$OUT_DIR/prototypes/fashion_mnist-ipc${IPC}-kmexpand1.safetensors
+    SYN=$OUT_DIR/syn/${NAME}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
+    PROTOTYPES=$OUT_DIR/prototypes/$NAME-ipc${IPC}-kmexpand1.safetensors
     echo "== IPC $IPC: 1/4 prototypes"
-    bash distillation/gen_prototype_fashion_mnist.sh
+    prototypes
     echo "== IPC $IPC: 2/4 synthesis"
-    bash distillation/gen_syn_image_fashion_mnist.sh
+    synthesis
     echo "== IPC $IPC: 3/4 baselines: $SEEDS random draw(s), the real images nearest to the prototypes"
     RANDOM_SETS=""
     for seed in $(seq 0 $(( SEEDS - 1 ))); do
-        SET=$OUT_DIR/syn/real_fashion_mnist_ipc${IPC}_seed$seed
-        [ -e "$SET/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset fashion_mnist --data_dir "$DATA_DIR" \
-            --select random --seed "$seed" --ipc "$IPC" --output "$SET"
+        SET=$OUT_DIR/syn/real_${NAME}_ipc${IPC}_seed$seed
+        [ -e "$SET/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset "$DATASET" --data-dir "$DATA_DIR" \
+            --select random --seed "$seed" --ipc "$IPC" "${REAL_SIZE[@]}" --output "$SET"
         RANDOM_SETS=${RANDOM_SETS:+$RANDOM_SETS,}$SET
     done
-    NEAREST=$OUT_DIR/syn/nearest_fashion_mnist_ipc${IPC}
-    [ -e "$NEAREST/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset fashion_mnist --data_dir "$DATA_DIR" \
-        --select nearest --prototype_path "$PROTOTYPES" --output "$NEAREST"
+    NEAREST=$OUT_DIR/syn/nearest_${NAME}_ipc${IPC}
+    [ -e "$NEAREST/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset "$DATASET" --data-dir "$DATA_DIR" \
+        --select nearest --prototype_path "$PROTOTYPES" "${REAL_SIZE[@]}" --output "$NEAREST"
     echo "== IPC $IPC: 4/4 matching and students ($MODELS; $PROTOCOLS; $SEEDS seed(s))"
-    "$PYTHON" validate/evaluate.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
-        --set "d4m=$OUT_DIR/syn/$NAME" --set "random=$RANDOM_SETS" --set "nearest=$NEAREST" \
-        --models "$MODELS" --protocols "$PROTOCOLS" --seeds "$SEEDS" \
-        --epochs 150 -b 50 --input-size 32 -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/fashion_mnist_ipc$IPC"
-    EVALS+=("$OUT_DIR/eval/fashion_mnist_ipc$IPC")
+    "$PYTHON" validate/evaluate.py --dataset "$DATASET" --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
+        --set "d4m=$SYN" --set "random=$RANDOM_SETS" --set "nearest=$NEAREST" \
+        --models "$MODELS" --protocols "$PROTOCOLS" --seeds "$SEEDS" "${FLIP[@]}" --nproc "${NPROC:-1}" \
+        --epochs "$EPOCHS" -b 50 --input-size "$IMAGE_SIZE" -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/${NAME}_ipc$IPC" \
+        ${EVAL_FLAGS:-}
+    EVALS+=("$OUT_DIR/eval/${NAME}_ipc$IPC")
 done
-"$PYTHON" validate/report.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
-    --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_fashion_mnist.json" \
-    --curve "$MISC/fashion_mnist_ipc_curve.png" --models-figure "$MISC/fashion_mnist_models.png" \
-    --figure "$MISC/fashion_mnist_d4m.png" --syn-images "$OUT_DIR/syn/$NAME" \
-    --real-images "$OUT_DIR/syn/real_fashion_mnist_ipc${IPC}_seed0" --prototypes "$PROTOTYPES" \
+"$PYTHON" validate/report.py --dataset "$DATASET" --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
+    --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_$NAME.json" \
+    --curve "$MISC/${NAME}_ipc_curve.png" --models-figure "$MISC/${NAME}_models.png" \
+    --figure "$MISC/${NAME}_d4m.png" --syn-images "$SYN" \
+    --real-images "$OUT_DIR/syn/real_${NAME}_ipc${IPC}_seed0" --prototypes "$PROTOTYPES" \
     --diffusion_checkpoints_path "$SD_MODEL" --seconds $(( $(date +%s) - start ))
 echo "whole chain: $(( $(date +%s) - start )) s"

@@ -129,6 +129,15 @@ def _check_local_folder(cls, folder: Path) -> None:
         raise UsageError(f"{folder} is not a Stable Diffusion checkpoint: it lacks {', '.join(missing)}")
 
 
+def no_library_bars() -> None:
+    """diffusers' and transformers' loading and saving bars off: they would sit above any later one-line error."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = False, dtype: str = "auto"):
     """`cls.from_pretrained(path)` on `device` in `dtype` (a DTYPES name or auto), its attention on SDPA, without
     the safety checker unless asked for; or a UsageError."""
@@ -141,11 +150,7 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     kwargs = {}
     if "safety_checker" in cls._get_signature_keys(cls)[0] and not safety_checker:
         kwargs = dict(safety_checker=None, requires_safety_checker=False)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()  # the loading bars would sit above any later one-line error
-    transformers_logging.disable_progress_bar()
+    no_library_bars()
     try:
         pipe = cls.from_pretrained(str(local) if local.exists() else path, dtype=pipeline_dtype(device, dtype), **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError) as err:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
 from d4m.device import announce, pick_device
+from d4m.diffusion import no_library_bars
 from d4m.outputs import atomic_path
 from d4m.runtime import UsageError, cli, progress_off
 
@@ -219,7 +220,10 @@ def save_pipeline(pipe: "StableDiffusionPipeline", output: Path, fp16: bool) -> 
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for model in (pipe.vae, pipe.unet, pipe.text_encoder):
-        model.to("cpu", torch.float16 if fp16 else torch.float32)
+        model.to("cpu")
+        if fp16:
+            model.to(torch.float16)
+    no_library_bars()
     pipe.save_pretrained(tmp)
     if output.exists():
         shutil.rmtree(output)

@@ -332,3 +332,38 @@ def test_run_all_unknown_dataset(tmp_path):
     run = run_bash("run_all.sh", launcher_env(), tmp_path, "mnist")
     assert run.returncode == 2
     assert run.stderr.startswith("error: unknown dataset 'mnist'") and run.stderr.count("\n") == 1
+
+
+def test_run_all_imagefolder_trains_what_is_missing_and_evaluates_an_own_dataset(tmp_path):
+    """`run_all.sh imagefolder` on a small ImageFolder with neither SD_MODEL nor TEACHER: a tiny LDM and a teacher
+    are trained first, then the Fashion-MNIST demo's chain and report, with outputs named after the data folder."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "digits", classes=3, per_class=6, size=SIZE)
+    out = tmp_path / "out"
+    env = launcher_env(DATA_DIR=data, OUT_DIR=out, IPC=2, EPOCHS=1, NO_FLIP=1, IMAGE_SIZE=SIZE, PYTHON=sys.executable,
+                       LDM_FLAGS="--vae_steps 2 --unet_steps 2 --batch_size 6 --vae_channels 8 16 --unet_channels 8 16 "
+                                 "--text_dim 16 --text_layers 1",
+                       TEACHER_FLAGS="--epochs 1 --workers 0", EVAL_FLAGS="--no-label-check", PROTOCOLS="fkd")
+    run = run_bash("run_all.sh", env, tmp_path, "imagefolder")
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = torch.load(out / "models/digits/teacher_convnet.pt", weights_only=True)
+    assert model["input_size"] == SIZE and model["classes"] == ["class0", "class1", "class2"]
+    assert (out / "models/digits/ldm/model_index.json").is_file()
+    results = json.loads((out / "results_digits.json").read_text())
+    assert {row["method"] for row in results["rows"]} == {"d4m", "random", "nearest"}
+    for folder in ("syn/digits_ipc2_2_s0.7_g8.0_kmexpand1", "syn/real_digits_ipc2_seed0", "syn/nearest_digits_ipc2"):
+        sizes = {Image.open(p).size for p in (out / folder).rglob("*.png")}
+        assert sizes == {(SIZE, SIZE)}, folder
+    assert (out / "digits_d4m.png").is_file() and (out / "digits_ipc_curve.png").is_file()
+    assert json.loads((out / "eval/digits_ipc2/fkd/d4m/meta.json").read_text())["flip"] is False  # NO_FLIP reached
+    again = run_bash("run_all.sh", env, tmp_path, "imagefolder")  # resumes: nothing is trained twice
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== no SD_MODEL" not in again.stdout and "== no TEACHER" not in again.stdout
+
+
+def test_run_all_imagefolder_without_data_is_one_line(tmp_path):
+    run = run_bash("run_all.sh", launcher_env(OUT_DIR=tmp_path / "out"), tmp_path, "imagefolder")
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: run_all.sh imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders"]
+    assert not (tmp_path / "out").exists()

@@ -145,10 +145,11 @@ def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset) 
 def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, device: torch.device) -> DataLoader:
     """This process's share of the real validation set (every world-th image)."""
     transform = labelcheck.eval_transform(args.input_size, meta["mean"], meta["std"])
-    if args.dataset == "imagefolder":
-        if not args.val_dir:
-            raise UsageError("--val-dir is required with --dataset imagefolder; pass the real validation ImageFolder")
+    if args.dataset == "imagefolder" and args.val_dir:
         data = ImageFolderDataset(args.val_dir, transform)
+    elif args.dataset == "imagefolder" and not args.data_dir:
+        raise UsageError("--dataset imagefolder needs --val-dir (the real validation ImageFolder) or --data-dir "
+                         "(the folder holding val/)")
     else:
         data = val_dataset(args.dataset, args.data_dir, transform)
     if len(data.classes) > meta["num_classes"]:
