@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from d4m import fkd, labelcheck, views
+from d4m import fkd, labelcheck, store, views
 from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
@@ -135,7 +135,7 @@ def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict,
                precision: str) -> dict:
     return {
         "batch_size": args.batch_size, "epochs": args.epochs, "num_images": len(data.samples),
-        "data_classes": len(data.classes), "images": fkd.image_fingerprint(args.data, data.samples),
+        "data_classes": len(data.classes), "images": store.image_fingerprint(args.data, data.samples),
         "fkd_seed": args.fkd_seed, "mix_type": args.mix_type, "mixup": args.mixup, "cutmix": args.cutmix,
         "input_size": args.input_size, "num_classes": record["num_classes"],
         "teacher": {"arch": record["arch"], "source": record["source"]},
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = store_meta(args, data, record, topk, precision_name(amp))
     paths = [path for path, _ in data.samples]
     hw = views.image_sizes(paths)
-    start = fkd.open_store(args.fkd_path, meta, create=False)
+    start = store.open_store(args.fkd_path, meta, create=False)
     shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
     loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
     announce("matching", device, precision_name(amp), world, rank, f"teacher {record['arch']}", loader)
@@ -203,10 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(error)
     check_writable(args.fkd_path, "--fkd-path")
     with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
-        start = fkd.open_store(args.fkd_path, meta, create=False)  # again, now that no other run writes
+        start = store.open_store(args.fkd_path, meta, create=False)  # again, now that no other run writes
         barrier()
         if rank == 0:
-            fkd.open_store(args.fkd_path, meta, create=True)
+            store.open_store(args.fkd_path, meta, create=True)
             if checked is not None:
                 with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
                     tmp.write_text(json.dumps(checked, indent=1))
@@ -227,7 +227,7 @@ def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, hw,
         parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
         logits = gather_logits(parts, rank, world)
         if rank == 0:
-            fkd.write_epoch(args.fkd_path, epoch, plan, logits, topk, args.soft_label_int8)
+            store.write_epoch(args.fkd_path, epoch, plan, logits, topk, args.soft_label_int8)
         barrier()
     if rank == 0:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")

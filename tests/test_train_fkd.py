@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DEVICES, device_flags, load_script, run_script, run_torchrun
 from d4m import fkd
+from d4m.store import epoch_file
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
 
@@ -89,9 +90,9 @@ def edited_train_dir(data, tmp_path, extra_class: bool):
 def nan_store(store, tmp_path):
     copy = tmp_path / "nan_store"
     shutil.copytree(store, copy)
-    tensors = load_file(str(fkd.epoch_file(copy, 0)))
+    tensors = load_file(str(epoch_file(copy, 0)))
     tensors["logits"] = torch.full_like(tensors["logits"], float("nan"))
-    save_file(tensors, str(fkd.epoch_file(copy, 0)))
+    save_file(tensors, str(epoch_file(copy, 0)))
     return copy
 
 

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from d4m import fkd, labelcheck, views
+from d4m import fkd, labelcheck, store, views
 from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
@@ -134,7 +134,7 @@ def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset) 
         (len(data.classes) == meta["data_classes"], f"{args.train_dir} has {len(data.classes)} classes, the store {meta['data_classes']}"),
         (args.mix_type in (None, meta["mix_type"]), f"--mix-type {args.mix_type} differs from the store's {meta['mix_type']}"),
         (args.fkd_seed in (None, meta["fkd_seed"]), f"--fkd_seed {args.fkd_seed} differs from the store's {meta['fkd_seed']}"),
-        (fkd.image_fingerprint(args.train_dir, data.samples) == meta["images"],
+        (store.image_fingerprint(args.train_dir, data.samples) == meta["images"],
          f"the images in {args.train_dir} are not the ones the store was made from"),
     ]
     for ok, message in checks:
@@ -206,22 +206,22 @@ class StoredLabels:
     kind = "logits"
 
     def __init__(self, args: argparse.Namespace, data: ImageFolderDataset):
-        self.meta = fkd.read_meta(args.fkd_path)
+        self.meta = store.read_meta(args.fkd_path)
         check_store(args, self.meta, data)
-        if not fkd.epoch_file(args.fkd_path, args.epochs - 1).is_file():
+        if not store.epoch_file(args.fkd_path, args.epochs - 1).is_file():
             raise UsageError(f"the store {args.fkd_path} lacks epoch {args.epochs - 1}; finish matching first")
         self.path, self.keep = args.fkd_path, args.keep_topk
         self.plan_seed = self.meta["fkd_seed"]
 
     def epoch(self, epoch: int, device: torch.device) -> fkd.EpochPlan:
-        plan, soft = fkd.read_epoch(self.path, epoch, self.meta)
+        plan, soft = store.read_epoch(self.path, epoch, self.meta)
         self.soft = soft.pin() if device.type == "cuda" else soft
         return plan
 
     def targets(self, plan: fkd.EpochPlan, job: fkd.Job, first: int, last: int, x: torch.Tensor,
                 device: torch.device) -> torch.Tensor:
         start = plan.bounds(job.batch)[0]
-        return fkd.keep_topk(self.soft.rows(start + first, start + last, device), self.keep)
+        return store.keep_topk(self.soft.rows(start + first, start + last, device), self.keep)
 
 
 class DrawnPlans:
