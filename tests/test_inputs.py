@@ -14,19 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, run_script
+from conftest import make_image_folder, one_error_line, run_script
 from d4m.data import ImageFolderDataset, load_rgb, write_class_list
 from d4m.prototypes import save_prototypes
 from d4m.store import epoch_file, read_epoch, read_meta
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture
