@@ -43,7 +43,7 @@ def main() -> None:
                                                                               for k in args.topk]
         full = None
         for name, k, int8 in settings:
-            store.write_epoch(tmp, 0, plan, logits, k, int8)
+            store.write_epoch(tmp, 0, plan, logits, {"topk": k, "int8": int8})
             size = Path(store.epoch_file(tmp, 0)).stat().st_size
             full = full or size
             print(f"{name:18} {size / 1e6:10.2f} {size * args.epochs / 1e9:12.2f} {full / size:8.1f}x")
