@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def create_store(args: argparse.Namespace, meta: dict, checked: dict | None) -> None:
-    """meta.json (unless this run made it before) and the label check's figures."""
+    """meta.json (unless it is there, with these settings) and the label check's figures."""
     store.create_meta(args.fkd_path, meta)
     if checked is not None:
         with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:

@@ -189,7 +189,7 @@ def test_a_failed_run_does_not_block_its_corrected_rerun(tiny, tmp_path, capsys,
     assert match(data, teacher, store, "--loader", loader) == 0
 
 
-def test_temporaries_of_dead_processes_are_removed(tiny, tmp_path, capsys):
+def test_temporaries_of_dead_processes_are_removed(tiny, tmp_path):
     """A run killed while writing meta.json or an epoch leaves `.NAME.tmpPID` files: the rerun removes them (those
     of live processes stay) and completes the store."""
     data, teacher = tiny
@@ -228,7 +228,7 @@ def test_epoch_files_have_the_permissions_of_meta_json(tiny, tmp_path, umask):
 
 
 def test_a_failure_in_a_log_file_is_the_error_line_alone(tiny, tmp_path):
-    """stderr to a file, an image that fails in the middle of the first epoch (PIL loader, worker processes)."""
+    """stderr to a pipe, as in a logged job; an image that fails in the first epoch (PIL loader, worker processes)."""
     data, teacher = tiny
     image = data / "train" / "class1" / "3.png"
     image.write_bytes(image.read_bytes()[:120])
