@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d4m import fkd, views
+from d4m import fkd, store, views
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.device import amp_dtype, autocast, memory_format, pick_device
 from d4m.models import build_model
@@ -74,7 +74,7 @@ def fkd_at(ipc: int, args: argparse.Namespace) -> dict:
     images = views.HostImages(np.empty(views.HostImages.nbytes_of(sizes), np.uint8), sizes)
     images.data.reshape(-1, 256)[:] = np.arange(256, dtype=np.uint8)  # every page touched (224*224*3 = 588*256)
     source = views.CropViews(images, 224)
-    soft = fkd.SoftLabels({"logits": torch.randn(count, CLASSES).half()}, CLASSES)
+    soft = store.SoftLabels({"logits": torch.randn(count, CLASSES).half()}, CLASSES)
     soft = soft.pin() if device.type == "cuda" else soft
     torch.manual_seed(0)
     layout = memory_format(device)

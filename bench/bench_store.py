@@ -1,6 +1,6 @@
 """Benchmark: soft-label store bytes per epoch, full fp16 logits (the original's content) vs 8-bit rows and top-K.
 
-Writes one real epoch file through d4m.fkd.write_epoch for each setting and reports its size on disk,
+Writes one real epoch file through d4m.store.write_epoch for each setting and reports its size on disk,
 with the plan (order, crops, flips, mix) included in every figure.
 
     python bench/bench_store.py                       # ImageNet IPC 10: 10,000 images, 1000 classes, batch 1024
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from d4m import fkd
+from d4m import fkd, store
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,8 +43,8 @@ def main() -> None:
                                                                               for k in args.topk]
         full = None
         for name, k, int8 in settings:
-            fkd.write_epoch(tmp, 0, plan, logits, k, int8)
-            size = Path(fkd.epoch_file(tmp, 0)).stat().st_size
+            store.write_epoch(tmp, 0, plan, logits, {"topk": k, "int8": int8})
+            size = Path(store.epoch_file(tmp, 0)).stat().st_size
             full = full or size
             print(f"{name:18} {size / 1e6:10.2f} {size * args.epochs / 1e9:12.2f} {full / size:8.1f}x")
 

@@ -3,14 +3,17 @@ manifest of the settings that made an output folder."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import socket
+import stat
 from pathlib import Path
 from typing import Iterator
 
-from d4m.runtime import UsageError, first_error
+from d4m.runtime import UsageError, together
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:
@@ -67,33 +70,83 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def temporary_path(path: Path) -> Path:
+    """The name a file is written under, beside `path`, before it is renamed: `.NAME.tmpPID`."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. The file gets the
+    permissions of a plain open() under the umask, whatever wrote it (safetensors' writer makes files 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
+        tmp.unlink(missing_ok=True)
+        tmp.touch()  # made by open(): the permissions the umask gives
+        mode = stat.S_IMODE(tmp.stat().st_mode)
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def create_once(path: str | os.PathLike, text: str) -> bool:
+    """Write `text` to `path` unless `path` exists; True when this call created it. A hard link of a whole
+    temporary file: of two writers (on two machines sharing the file system too) exactly one creates it, and no
+    reader sees it half-written. Where the file system has no hard links, an O_EXCL creation, still exclusive."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)
+    except FileExistsError:
+        return tmp.stat().st_nlink == 2  # NFS: a retried link reports EEXIST though the first try made it
+    except OSError as err:
+        if err.errno not in NO_HARD_LINKS:
+            raise
+        return _create_exclusive(path, text)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+NO_HARD_LINKS = (errno.EPERM, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP)
+
+
+def _create_exclusive(path: Path, text: str) -> bool:
+    try:
+        with open(path, "x") as f:
+            f.write(text)
+    except FileExistsError:
+        return False
+    return True
+
+
+TEMPORARY = re.compile(r"\..+\.tmp(\d+)")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Remove from `folder` the temporary files (`.NAME.tmpPID`) of processes that are gone. A PID says nothing
+    about another machine's processes: call this only while holding the folder's lock."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = TEMPORARY.fullmatch(path.name)
+        if match and not _alive(int(match[1])):
+            path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def exclusive_run(lock: str | os.PathLike, what: str, rank: int, world: int) -> Iterator[None]:
     """`exclusive` held by rank 0 for the whole run; every process of the run learns of a refusal."""
     held = contextlib.ExitStack()
-    error = ""
-    if rank == 0:
-        try:
+    with together(world):
+        if rank == 0:
             held.enter_context(exclusive(lock, what))
-        except UsageError as err:
-            error = str(err)
-    error = first_error(error, world)
-    if error:
-        raise UsageError(error)
     with held:
         yield
 
@@ -151,12 +204,6 @@ def _read_manifest(path: Path) -> dict | None:
 def claim_folder_run(folder: str | os.PathLike, settings: dict | None, flag: str, write: bool, rank: int,
                      world: int) -> None:
     """`claim_folder` done by rank 0 (the others may pass None); every process of the run learns of a refusal."""
-    error = ""
-    if rank == 0:
-        try:
+    with together(world):
+        if rank == 0:
             claim_folder(folder, settings, flag, write)
-        except UsageError as err:
-            error = str(err)
-    error = first_error(error, world)
-    if error:
-        raise UsageError(error)

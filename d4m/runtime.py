@@ -1,12 +1,13 @@
 """Process-level helpers shared by every script: clear errors, seeds, torchrun, progress bars."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import functools
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -86,6 +87,20 @@ def first_error(error: str, world: int) -> str:
     errors = [None] * world
     dist.all_gather_object(errors, error)
     return next((e for e in errors if e), "")
+
+
+@contextlib.contextmanager
+def together(world: int) -> Iterator[None]:
+    """Share a UsageError of the block, which may run on some processes only: on leaving it, every process raises
+    the first error of any (a collective under torchrun: every process enters the block)."""
+    error = ""
+    try:
+        yield
+    except UsageError as err:
+        error = str(err)
+    error = first_error(error, world)
+    if error:
+        raise UsageError(error)
 
 
 def from_rank0(value, world: int):

@@ -15,13 +15,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from d4m import fkd, labelcheck, views
+from d4m import fkd, labelcheck, store, views
 from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
 from d4m.models import load_pretrained, load_teacher_file
-from d4m.outputs import atomic_path, check_writable, exclusive_run
-from d4m.runtime import UsageError, barrier, cli, first_error, init_distributed, progress_off
+from d4m.outputs import atomic_path, check_writable, exclusive_run, remove_stale_temporaries
+from d4m.runtime import UsageError, barrier, cli, from_rank0, init_distributed, progress_off, together
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,6 +80,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--soft-label-topk must be at least 1")
     if args.soft_label_topk and args.soft_label_int8:
         raise UsageError("--soft-label-topk and --soft-label-int8 are two ways to shrink the store; choose one")
+    if not 0 <= args.fkd_seed < 2**63 or not 0 <= (args.seed or 0) < 2**63:
+        raise UsageError("--fkd-seed and --seed must be between 0 and 2**63 - 1")
     if args.data_dir and not args.dataset:
         raise UsageError("--data-dir needs --dataset (which of the dataset layouts it holds)")
 
@@ -131,11 +133,11 @@ def label_check(args: argparse.Namespace, teacher: nn.Module, record: dict, data
             "real_top1": None if real is None else real.tolist(), "teacher": record["arch"]}
 
 
-def store_meta(args: argparse.Namespace, data: ImageFolderDataset, record: dict, topk: int | None,
+def store_meta(args: argparse.Namespace, data: ImageFolderDataset, images: str, record: dict, topk: int | None,
                precision: str) -> dict:
     return {
-        "batch_size": args.batch_size, "epochs": args.epochs, "num_images": len(data.samples),
-        "data_classes": len(data.classes), "images": fkd.image_fingerprint(args.data, data.samples),
+        "format": store.FORMAT, "batch_size": args.batch_size, "epochs": args.epochs, "num_images": len(data.samples),
+        "data_classes": len(data.classes), "images": images,
         "fkd_seed": args.fkd_seed, "mix_type": args.mix_type, "mixup": args.mixup, "cutmix": args.cutmix,
         "input_size": args.input_size, "num_classes": record["num_classes"],
         "teacher": {"arch": record["arch"], "source": record["source"]},
@@ -185,38 +187,39 @@ def main(argv: list[str] | None = None) -> None:
     data = ImageFolderDataset(args.data)
     teacher, record = load_teacher(args, len(data.classes), device, amp)
     topk = args.soft_label_topk if args.soft_label_topk and args.soft_label_topk < record["num_classes"] else None
-    meta = store_meta(args, data, record, topk, precision_name(amp))
     paths = [path for path, _ in data.samples]
     hw = views.image_sizes(paths)
-    start = fkd.open_store(args.fkd_path, meta, create=False)
+    images = from_rank0(store.image_fingerprint(args.data, data.samples) if rank == 0 else None, world)
+    meta = store_meta(args, data, images, record, topk, precision_name(amp))
+    start = store.open_store(args.fkd_path, meta)
     shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
     loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
     announce("matching", device, precision_name(amp), world, rank, f"teacher {record['arch']}", loader)
-    checked, error = None, ""
-    if not args.no_label_check and rank == 0 and start < args.epochs:
-        try:
+    checked = None
+    with together(world):
+        if not args.no_label_check and rank == 0 and start < args.epochs:
             checked = label_check(args, teacher, record, data, device, amp)
-        except UsageError as err:
-            error = str(err)
-    error = first_error(error, world)
-    if error:
-        raise UsageError(error)
     check_writable(args.fkd_path, "--fkd-path")
     with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
-        start = fkd.open_store(args.fkd_path, meta, create=False)  # again, now that no other run writes
-        barrier()
         if rank == 0:
-            fkd.open_store(args.fkd_path, meta, create=True)
-            if checked is not None:
-                with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
-                    tmp.write_text(json.dumps(checked, indent=1))
-        match_epochs(args, teacher, record, hw, paths, start, topk, shared_by, rank, world, device, amp)
+            remove_stale_temporaries(args.fkd_path)
+        start = store.open_store(args.fkd_path, meta)  # again, now that no other run writes
+        match_epochs(args, teacher, record, meta, checked, hw, paths, start, shared_by, rank, world, device, amp)
 
 
-def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, hw, paths: list[str], start: int,
-                 topk: int | None, shared_by: int, rank: int, world: int, device: torch.device,
+def create_store(args: argparse.Namespace, meta: dict, checked: dict | None) -> None:
+    """meta.json (unless it is there, with these settings) and the label check's figures."""
+    store.create_meta(args.fkd_path, meta)
+    if checked is not None:
+        with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
+            tmp.write_text(json.dumps(checked, indent=1))
+
+
+def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, meta: dict, checked: dict | None, hw,
+                 paths: list[str], start: int, shared_by: int, rank: int, world: int, device: torch.device,
                  amp: torch.dtype | None) -> None:
-    """Label and store the epochs from `start` on."""
+    """Label and store the epochs from `start` on. The store is created with the first epoch written, once every
+    image has been decoded and labelled: a run that fails before leaves no store to refuse its corrected rerun."""
     source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
     teacher = maybe_compile(teacher, device, args.compile, rank)
     dtype = torch.float16 if args.use_fp16 else torch.float32
@@ -224,10 +227,15 @@ def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, hw,
     for epoch in tqdm(range(start, args.epochs), disable=progress_off(rank), desc="matching", initial=start, total=args.epochs):
         plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
                               args.mixup, args.cutmix, scale, not args.no_flip)
-        parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
+        with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
+            parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
         logits = gather_logits(parts, rank, world)
+        if epoch == start:
+            with together(world):
+                if rank == 0:
+                    create_store(args, meta, checked)
         if rank == 0:
-            fkd.write_epoch(args.fkd_path, epoch, plan, logits, topk, args.soft_label_int8)
+            store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
         barrier()
     if rank == 0:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")

@@ -35,6 +35,13 @@ def run_script(relpath: str, args: list[str]) -> int:
     return 0
 
 
+def one_error_line(capsys) -> str:
+    """stderr (not a terminal here) holds the error line and nothing else: no progress bar, no loading noise."""
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder
-from d4m import fkd, views
+from d4m import fkd, store, views
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 
 
@@ -43,13 +43,13 @@ def test_crops_are_whole_pixels_of_each_image():
 
 def test_topk_rebuild():
     logits = torch.tensor([[5.0, 1.0, 3.0, -1.0, 0.0], [0.0, 2.0, 2.5, 9.0, -4.0]])
-    parts = fkd.topk_compress(logits, 2)
+    parts = store.topk_compress(logits, 2)
     assert parts["topk_indices"].dtype == torch.int16
-    rebuilt = fkd.topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], 5)
+    rebuilt = store.topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], 5)
     expected = torch.tensor([[5.0, 0.0, 3.0, 0.0, 0.0], [-2 / 3, -2 / 3, 2.5, 9.0, -2 / 3]])
     assert torch.allclose(rebuilt, expected)
-    assert torch.allclose(fkd.keep_topk(logits, 2), expected)
-    assert fkd.keep_topk(logits, 5) is logits and fkd.keep_topk(logits, 1000) is logits
+    assert torch.allclose(store.keep_topk(logits, 2), expected)
+    assert store.keep_topk(logits, 5) is logits and store.keep_topk(logits, 1000) is logits
     # the row mean is kept exactly
     assert torch.allclose(rebuilt.mean(1), logits.mean(1))
 
@@ -57,14 +57,14 @@ def test_topk_rebuild():
 def test_packed_indices_round_trip():
     for classes in (2, 10, 1000, 40000):
         indices = torch.randint(classes, (7, 5), generator=torch.Generator().manual_seed(classes))
-        packed = fkd.pack_indices(indices, classes)
-        assert packed.dtype == torch.uint8 and packed.numel() == -(-7 * 5 * fkd.index_bits(classes) // 8)
-        assert torch.equal(fkd.unpack_indices(packed, 7, 5, classes), indices)
+        packed = store.pack_indices(indices, classes)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-7 * 5 * store.index_bits(classes) // 8)
+        assert torch.equal(store.unpack_indices(packed, 7, 5, classes), indices)
 
 
 def test_compact_plan_replays_the_same_pixel_boxes():
     plan = plan_for(hw=(223, 517))
-    compact = fkd.compact_plan(plan)
+    compact = store.compact_plan(plan)
     hw = torch.tensor([[223, 517]]).expand(12, 2)
     assert torch.equal(views.pixel_boxes(compact["crops"].double(), hw), views.pixel_boxes(plan.crops, hw))
     assert torch.equal(compact["perm"].long(), plan.perm) and compact["perm"].dtype == torch.int16
@@ -216,9 +216,9 @@ def test_mixes_follow_the_original_formulas():
 def test_int8_rows_come_back_within_half_a_step():
     logits = torch.randn(50, 1000, generator=torch.Generator().manual_seed(0)) * 4
     logits[3] = 2.5  # a constant row
-    parts = fkd.quantize_rows(logits)
+    parts = store.quantize_rows(logits)
     assert parts["logits_q"].dtype == torch.uint8 and parts["logits_q"].shape == (50, 1000)
-    back = fkd.dequantize_rows(parts["logits_q"], parts["logits_min"], parts["logits_step"])
+    back = store.dequantize_rows(parts["logits_q"], parts["logits_min"], parts["logits_step"])
     error = (back - logits).abs().max(1).values
     assert bool((error <= parts["logits_step"] / 2 + 1e-5).all()) and float(error[3]) == 0
     assert float(parts["logits_step"][0]) == pytest.approx(float(logits[0].max() - logits[0].min()) / 255)

@@ -14,19 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, run_script
-from d4m import fkd
+from conftest import make_image_folder, one_error_line, run_script
 from d4m.data import ImageFolderDataset, load_rgb, write_class_list
 from d4m.prototypes import save_prototypes
+from d4m.store import epoch_file, read_epoch, read_meta
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture
@@ -60,7 +54,7 @@ def test_a_set_of_mixed_modes_matches_with_both_loaders(tiny, tmp_path):
         store = tmp_path / f"store_{loader}"
         assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--loader", loader, "--device",
                                             "cpu")) == 0
-    a, b = (fkd.read_epoch(tmp_path / f"store_{loader}", 0, fkd.read_meta(tmp_path / f"store_{loader}"))[1]
+    a, b = (read_epoch(tmp_path / f"store_{loader}", 0, read_meta(tmp_path / f"store_{loader}"))[1]
             for loader in ("tensor", "pil"))
     assert a.rows(0, 15).shape == (15, 3) and float((a.rows(0, 15) - b.rows(0, 15)).abs().max()) < 0.05
 
@@ -109,7 +103,7 @@ def test_a_damaged_epoch_file_is_named_and_rewritten_by_matching(tiny, tmp_path,
     store = tmp_path / "store"
     args = match_args(data, teacher, store, "--epochs", 2, "--device", "cpu")
     assert run_script(MATCH, args) == 0
-    epoch1 = fkd.epoch_file(store, 1)
+    epoch1 = epoch_file(store, 1)
     whole = epoch1.read_bytes()
     epoch1.write_bytes(whole[: len(whole) // 2])
     capsys.readouterr()

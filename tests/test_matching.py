@@ -12,6 +12,7 @@ from d4m import fkd, views
 from d4m.data import ImageFolderDataset
 from d4m.device import amp_dtype, autocast, memory_format, set_deterministic
 from d4m.models import build_model, load_teacher_file, save_teacher
+from d4m.store import epoch_file, keep_topk, read_epoch, read_meta
 from fkd_helpers import MATCH, match_args, tiny_setup
 
 
@@ -27,8 +28,8 @@ def tiny(tmp_path_factory):
 def replayed_logits(store, epoch, data, teacher_path, loader, device="cpu"):
     """(fresh teacher logits, stored logits) of each batch of an epoch, replayed as matching computed them:
     on `device`, under the autocast the run used, rounded to the stored dtype."""
-    meta = fkd.read_meta(store)
-    plan, soft = fkd.read_epoch(store, epoch, meta)
+    meta = read_meta(store)
+    plan, soft = read_epoch(store, epoch, meta)
     device = torch.device(device)
     teacher, record = load_teacher_file(teacher_path)
     teacher = teacher.to(device, memory_format=memory_format(device))
@@ -85,13 +86,13 @@ def test_topk_store_rebuilds_teacher_top(tiny, tmp_path, device):
     store = tmp_path / "store"
     assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--mix-type", "cutmix",
                                         "--soft-label-topk", 2, *device_flags(device))) == 0
-    raw = load_file(str(fkd.epoch_file(store, 0)))
+    raw = load_file(str(epoch_file(store, 0)))
     assert set(raw) >= {"topk_values", "topk_indices", "rest_mean"} and "logits" not in raw
     assert raw["topk_indices"].dtype == torch.uint8 and json.loads((store / "meta.json").read_text())["topk"] == 2
     if device == "cuda":
         set_deterministic(True)
     for fresh, rebuilt in replayed_logits(store, 0, data, teacher, "tensor", device):
-        assert torch.allclose(rebuilt, fkd.keep_topk(fresh, 2), atol=1e-6)
+        assert torch.allclose(rebuilt, keep_topk(fresh, 2), atol=1e-6)
 
 
 def test_int8_store_replays_within_half_a_step_and_trains(tiny, tmp_path):
@@ -99,10 +100,10 @@ def test_int8_store_replays_within_half_a_step_and_trains(tiny, tmp_path):
     store = tmp_path / "store"
     assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 2, "--mix-type", "cutmix",
                                         "--soft-label-int8", "--device", "cpu")) == 0
-    raw = load_file(str(fkd.epoch_file(store, 0)))
-    assert raw["logits_q"].dtype == torch.uint8 and "logits" not in raw and fkd.read_meta(store)["int8"] is True
-    meta = fkd.read_meta(store)
-    plan, soft = fkd.read_epoch(store, 0, meta)
+    raw = load_file(str(epoch_file(store, 0)))
+    assert raw["logits_q"].dtype == torch.uint8 and "logits" not in raw and read_meta(store)["int8"] is True
+    meta = read_meta(store)
+    plan, soft = read_epoch(store, 0, meta)
     for b, (fresh, stored) in enumerate(replayed_logits(store, 0, data, teacher, "tensor")):
         start, end = plan.bounds(b)
         step = raw["logits_step"][start:end]
@@ -119,7 +120,7 @@ def test_resume_after_lost_epoch_gives_identical_file(tiny, tmp_path, device):
     store = tmp_path / "store"
     args = match_args(data, teacher, store, "--epochs", 3, "--mix-type", "cutmix", "--use-fp16", *device_flags(device))
     assert run_script(MATCH, args) == 0
-    last = fkd.epoch_file(store, 2)
+    last = epoch_file(store, 2)
     before = last.read_bytes()
     last.unlink()
     assert run_script(MATCH, args) == 0
@@ -136,7 +137,7 @@ def test_torchrun_store_equals_one_process(tiny, tmp_path):
             assert "0.00 GB of host memory, shared by 2 processes" in result.stdout.splitlines()[0]
             assert not list(views.SHARED_MEMORY.glob("d4m-images-*"))  # unlinked once mapped
     for epoch in range(2):
-        one, two = (load_file(str(fkd.epoch_file(tmp_path / f"s{n}", epoch))) for n in (1, 2))
+        one, two = (load_file(str(epoch_file(tmp_path / f"s{n}", epoch))) for n in (1, 2))
         assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 

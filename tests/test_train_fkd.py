@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, safe_open, save_file
 
 from conftest import DEVICES, device_flags, load_script, run_script, run_torchrun
 from d4m import fkd
+from d4m.store import epoch_file
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
 
@@ -89,9 +90,12 @@ def edited_train_dir(data, tmp_path, extra_class: bool):
 def nan_store(store, tmp_path):
     copy = tmp_path / "nan_store"
     shutil.copytree(store, copy)
-    tensors = load_file(str(fkd.epoch_file(copy, 0)))
+    path = str(epoch_file(copy, 0))
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()  # the run's identity: the file stays this store's
+    tensors = load_file(path)
     tensors["logits"] = torch.full_like(tensors["logits"], float("nan"))
-    save_file(tensors, str(fkd.epoch_file(copy, 0)))
+    save_file(tensors, path, metadata=metadata)
     return copy
 
 

@@ -34,14 +34,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from d4m import fkd, labelcheck, views
+from d4m import fkd, labelcheck, store, views
 from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.models import build_model, load_pretrained, load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive_run
-from d4m.runtime import UsageError, cli, init_distributed, progress_off
+from d4m.runtime import UsageError, cli, from_rank0, init_distributed, progress_off
 
 PROTOCOLS = ("fkd", "online", "hard")
 SCHEDULES = ("linear", "cosine", "half-cosine")
@@ -124,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset) -> None:
+def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset, images: str) -> None:
     """Everything that must agree between this run and the matching run, with the fix in the message."""
     checks = [
         (args.batch_size == meta["batch_size"], f"--batch-size {args.batch_size} differs from the store's {meta['batch_size']}"),
@@ -134,7 +134,7 @@ def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset) 
         (len(data.classes) == meta["data_classes"], f"{args.train_dir} has {len(data.classes)} classes, the store {meta['data_classes']}"),
         (args.mix_type in (None, meta["mix_type"]), f"--mix-type {args.mix_type} differs from the store's {meta['mix_type']}"),
         (args.fkd_seed in (None, meta["fkd_seed"]), f"--fkd_seed {args.fkd_seed} differs from the store's {meta['fkd_seed']}"),
-        (fkd.image_fingerprint(args.train_dir, data.samples) == meta["images"],
+        (images == meta["images"],
          f"the images in {args.train_dir} are not the ones the store was made from"),
     ]
     for ok, message in checks:
@@ -206,23 +206,23 @@ class StoredLabels:
 
     kind = "logits"
 
-    def __init__(self, args: argparse.Namespace, data: ImageFolderDataset):
-        self.meta = fkd.read_meta(args.fkd_path)
-        check_store(args, self.meta, data)
-        if not fkd.epoch_file(args.fkd_path, args.epochs - 1).is_file():
-            raise UsageError(f"the store {args.fkd_path} lacks epoch {args.epochs - 1}; finish matching first")
+    def __init__(self, args: argparse.Namespace, data: ImageFolderDataset, rank: int, world: int):
+        self.meta = store.read_meta(args.fkd_path)
+        images = from_rank0(store.image_fingerprint(args.train_dir, data.samples) if rank == 0 else None, world)
+        check_store(args, self.meta, data, images)
+        store.check_epochs(args.fkd_path, self.meta, args.epochs)
         self.path, self.keep = args.fkd_path, args.keep_topk
         self.plan_seed = self.meta["fkd_seed"]
 
     def epoch(self, epoch: int, device: torch.device) -> fkd.EpochPlan:
-        plan, soft = fkd.read_epoch(self.path, epoch, self.meta)
+        plan, soft = store.read_epoch(self.path, epoch, self.meta)
         self.soft = soft.pin() if device.type == "cuda" else soft
         return plan
 
     def targets(self, plan: fkd.EpochPlan, job: fkd.Job, first: int, last: int, x: torch.Tensor,
                 device: torch.device) -> torch.Tensor:
         start = plan.bounds(job.batch)[0]
-        return fkd.keep_topk(self.soft.rows(start + first, start + last, device), self.keep)
+        return store.keep_topk(self.soft.rows(start + first, start + last, device), self.keep)
 
 
 class DrawnPlans:
@@ -292,10 +292,10 @@ class HardLabels(DrawnPlans):
         return target.to(device, non_blocking=True)
 
 
-def build_labels(args: argparse.Namespace, data: ImageFolderDataset, hw, device: torch.device,
-                 amp: torch.dtype | None) -> StoredLabels | TeacherLabels | HardLabels:
+def build_labels(args: argparse.Namespace, data: ImageFolderDataset, hw, device: torch.device, amp: torch.dtype | None,
+                 rank: int, world: int) -> StoredLabels | TeacherLabels | HardLabels:
     if args.protocol == "fkd":
-        return StoredLabels(args, data)
+        return StoredLabels(args, data, rank, world)
     if args.protocol == "online":
         return TeacherLabels(args, data, hw, device, amp)
     return HardLabels(args, data, hw)
@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     data = ImageFolderDataset(args.train_dir)
     paths = [path for path, _ in data.samples]
     hw = views.image_sizes(paths)
-    labels = build_labels(args, data, hw, device, amp)
+    labels = build_labels(args, data, hw, device, amp, rank, world)
     val_loader = build_val(args, labels.meta, rank, world, device)
     build_model(args.model, labels.meta["num_classes"], args.input_size)  # an unknown architecture fails here
     shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
