@@ -228,7 +228,7 @@ def image_fingerprint(root: str | Path, samples: Sequence[tuple[str, int]]) -> s
     """A hash of the image list: relative paths, labels and file sizes, in dataset order."""
     digest = hashlib.sha256()
     for path, label in samples:
-        digest.update(f"{Path(path).relative_to(root).as_posix()}\t{label}\t{os.path.getsize(path)}\n".encode())
+        digest.update(os.fsencode(f"{Path(path).relative_to(root).as_posix()}\t{label}\t{os.path.getsize(path)}\n"))
     return digest.hexdigest()[:16]
 
 
