@@ -182,7 +182,8 @@ def test_hard_labels_are_the_mixed_one_hot_rows(tiny):
     module = load_script(TRAIN)
     for mix in ("cutmix", "mixup"):
         args = argparse.Namespace(teacher_path=None, fkd_seed=None, batch_size=5, input_size=32, mix_type=mix,
-                                  mixup=0.8, cutmix=1.0, min_scale_crops=0.08, max_scale_crops=1.0)
+                                  mixup=0.8, cutmix=1.0, min_scale_crops=0.08, max_scale_crops=1.0,
+                                  no_flip=False)
         labels = module.HardLabels(args, folder, hw)
         plan = labels.epoch(0, torch.device("cpu"))
         for b in range(plan.num_batches):
