@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pickle
 import re
 import struct
@@ -38,7 +39,12 @@ def load_prompts(path: str | Path, num_classes: Optional[int] = None) -> list[st
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"label file {path} does not exist; pass --label_file_path with one prompt per class")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"label file {path} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at "
+                         f"offset {err.start}); save it as UTF-8") from err
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if num_classes is not None and len(prompts) != num_classes:
         raise UsageError(
             f"label file {path} has {len(prompts)} prompts but the dataset has {num_classes} classes; "
@@ -113,6 +119,16 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise UsageError(f"cannot read image {path}: {err}; replace or remove the file") from err
 
 
+def check_class_names(root: Path, classes: list[str]) -> None:
+    """Class folder names are class names, written to classes.json and printed: they must be UTF-8 text (an
+    image's file name need not be)."""
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"class folder {os.fsencode(name)!r} in {root} is not named in UTF-8; rename it") from None
+
+
 class ImageFolderDataset(Dataset):
     """Class folders of images, classes in sorted folder order (torchvision's ImageFolder layout)."""
 
@@ -125,6 +141,7 @@ class ImageFolderDataset(Dataset):
         self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
         if not self.classes:
             raise UsageError(f"image folder {root} has no class folders; expected {root}/<class>/<image>")
+        check_class_names(root, self.classes)
         self.samples: list[tuple[str, int]] = []
         for label, name in enumerate(self.classes):
             files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in self.EXTENSIONS)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from d4m.runtime import UsageError
+from d4m.runtime import UsageError, positive_float
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # diffusion weights
@@ -25,7 +25,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true",
                         help="the same bits on every run on a GPU: deterministic cuDNN/cuBLAS kernels and no TF32 "
                              "(slower); CPU runs are deterministic without it")
-    parser.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
+    parser.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
                         help="under torchrun, how long a process may wait for the others before the run is aborted")
 
 

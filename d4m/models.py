@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.outputs import atomic_path
-from d4m.runtime import UsageError
+from d4m.runtime import UsageError, first_line
 
 EXTRA_ARCHS = ("convnet", "resnet18_modified")
 
@@ -57,6 +57,17 @@ def build_model(arch: str, num_classes: int, input_size: int = 224) -> nn.Module
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
 
 
+@torch.no_grad()
+def check_input_size(model: nn.Module, arch: str, input_size: int) -> None:
+    """A model that cannot take `input_size` px images (too small for its downsampling, or not its fixed size) is
+    refused in one line, before the work: one forward pass of two blank images."""
+    try:
+        model.eval()(torch.zeros(2, 3, input_size, input_size))
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"{arch} cannot take {input_size} px images ({first_line(err)}); choose an --input-size "
+                         "it takes") from err
+
+
 def save_teacher(path: str | Path, model: nn.Module, arch: str, num_classes: int, input_size: int,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, **info) -> None:
     """Write a teacher file that carries everything needed to rebuild and feed the model."""
@@ -85,8 +96,8 @@ def load_teacher_file(path: str | Path) -> tuple[nn.Module, dict]:
     except UsageError:
         raise
     except Exception as err:  # any unpickling or shape error means the file is not a teacher file
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"teacher file {path} does not load as a teacher written by train_teacher.py: {reason}") from err
+        raise UsageError(f"teacher file {path} does not load as a teacher written by train_teacher.py: "
+                         f"{first_line(err)}") from err
     return model.eval(), record
 
 

@@ -17,8 +17,20 @@ from d4m.runtime import UsageError, together
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:
-    """Before the expensive work: `path` (a folder or file to be made) must be creatable, without creating it."""
-    ancestor = Path(path).absolute()
+    """Before the expensive work: the output folder `path` must exist as a writable folder or be creatable, without
+    creating it."""
+    _check_creatable(Path(path), path, flag)
+
+
+def check_writable_file(path: str | os.PathLike, flag: str) -> None:
+    """Before the expensive work: the output file `path` must be creatable, or replaceable by an atomic rename."""
+    if Path(path).is_dir():
+        raise UsageError(f"{path} is a folder, so the file {flag} names cannot be written; choose another {flag}")
+    _check_creatable(Path(path).parent, path, flag)
+
+
+def _check_creatable(folder: Path, path: str | os.PathLike, flag: str) -> None:
+    ancestor = folder.absolute()
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():

@@ -1,13 +1,15 @@
 """Process-level helpers shared by every script: clear errors, seeds, torchrun, progress bars."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import errno
 import functools
+import math
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -19,6 +21,54 @@ class UsageError(Exception):
 
 
 WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals are UsageErrors, so that a bad flag is one line and exit status 2 like every other
+    refusal (under `cli`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see --help)")
+
+
+def _number(text: str, kind: type, ok: Callable[[float], bool], what: str) -> int | float:
+    try:
+        value = kind(text)
+        if ok(value):
+            return value
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: 1, 2, ..."""
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: 0, 1, 2, ..."""
+    return _number(text, int, lambda v: v >= 0, "0 or a positive integer")
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed torch and numpy both take, 0 .. 2**63 - 1."""
+    return _number(text, int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (learning rates, temperatures, Beta parameters)."""
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number of at least 0 (weight decays, momenta)."""
+    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "0 or a positive number")
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line (its type when it has no message), for a one-line error naming the cause."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def one_line(message: str) -> str:

@@ -84,7 +84,7 @@ def image_fingerprint(root: str | Path, samples: Sequence[tuple[str, int]]) -> s
         contents = pool.map(file_digest, [path for path, _ in samples])
         digest = hashlib.blake2b(digest_size=8)
         for (path, label), content in zip(samples, contents):
-            digest.update(f"{Path(path).relative_to(root).as_posix()}\t{label}\t{content}\n".encode())
+            digest.update(os.fsencode(f"{Path(path).relative_to(root).as_posix()}\t{label}\t{content}\n"))
     return digest.hexdigest()
 
 

@@ -168,7 +168,7 @@ def _shared_host_images(paths: Sequence[str], sizes: np.ndarray, workers: int) -
     """Local rank 0 decodes into a /dev/shm file, the others map it, and the name is unlinked once all have
     it mapped (the memory lives on until the last process exits)."""
     run = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "0")
-    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(os.fsencode("\n".join(paths))).hexdigest()[:12]
     name = SHARED_MEMORY / f"d4m-images-{run}-{digest}"
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     total = HostImages.nbytes_of(sizes)

@@ -17,30 +17,30 @@ from d4m.kmeans import METHODS, class_centres, nearest_members
 from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
                          shuffled)
 from d4m.prototypes import FORMATS, PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
-from d4m.outputs import check_writable, exclusive_run
-from d4m.runtime import UsageError, barrier, cli, first_error, from_rank0, init_distributed, progress_off
+from d4m.outputs import check_writable_file, exclusive_run
+from d4m.runtime import (ArgumentParser, UsageError, barrier, cli, first_error, from_rank0, init_distributed,
+                         non_negative_int, positive_int, progress_off, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch_size", type=int, default=10,
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--batch_size", type=positive_int, default=10,
                         help="images per VAE call (batches never cross classes; 64 or more is faster on a GPU)")
     parser.add_argument("--data_dir", "--data-dir", type=str, default=None,
                         help="dataset root (train/ inside for ImageFolder sets)")
     parser.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS)
     parser.add_argument("--diffusion_checkpoints_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="local diffusers folder or hub id")
-    parser.add_argument("--ipc", type=int, default=1, help="prototypes (k-means centres) per class")
-    parser.add_argument("--km_expand", type=int, default=10, help="k-means mini-batch = km_expand * ipc latents")
+    parser.add_argument("--ipc", type=positive_int, default=1, help="prototypes (k-means centres) per class")
+    parser.add_argument("--km_expand", type=positive_int, default=10, help="k-means mini-batch = km_expand * ipc latents")
     parser.add_argument("--kmeans", type=str, default="faithful", choices=METHODS,
                         help="faithful: the original's per-class MiniBatchKMeans fed km_expand*ipc latents at a time; "
                              "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device")
-    parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None,
-                        help="one prompt per class, in class order")
-    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None, help="one prompt per class, in class order")
+    parser.add_argument("--num_workers", type=non_negative_int, default=4)
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
-    parser.add_argument("--size", type=int, default=512, help="images are resized to size x size before encoding")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the class shuffles and the posterior samples")
+    parser.add_argument("--size", type=positive_int, default=512, help="images are resized to size x size before encoding")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seeds the class shuffles and the posterior samples")
     parser.add_argument("--prototype_format", type=str, default="safetensors", choices=FORMATS)
     parser.add_argument("--name", type=str, default=None,
                         help="names the outputs (NAME-ipc..., and stage 2's folder); default: the dataset, or for "
@@ -48,13 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the VAE encoder (batches are then padded to --batch_size)")
     add_device_args(parser)
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "ipc", "km_expand", "size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.num_workers < 0:
-        raise UsageError(f"--num_workers must be 0 or more, got {args.num_workers}")
-    return args
+    return parser.parse_args(argv)
 
 
 def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], classes: list[int],
@@ -128,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
     name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
     out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
-    check_writable(out, "--save_prototype_path")
+    check_writable_file(out, "--save_prototype_path")
     from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline  # after --help
 
     pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)

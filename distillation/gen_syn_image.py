@@ -16,7 +16,8 @@ from d4m.device import DTYPES, add_device_args, announce, memory_format, pick_de
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable, claim_folder_run, exclusive_run, file_digest, text_digest
-from d4m.runtime import UsageError, barrier, cli, init_distributed, progress_off, seeded_generator
+from d4m.runtime import (ArgumentParser, UsageError, barrier, cli, init_distributed, positive_int, progress_off, seed_int,
+                         seeded_generator)
 
 
 RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
@@ -24,22 +25,21 @@ RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch_size", type=int, default=10, help="images per pipeline call (across classes)")
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--batch_size", type=positive_int, default=10, help="images per pipeline call (across classes)")
     parser.add_argument("--diffusion_checkpoints_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="local diffusers folder or hub id")
     parser.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS)
     parser.add_argument("--guidance_scale", "-g", type=float, default=8.0)
-    parser.add_argument("--ipc", type=int, default=1, help="images per class; a multiple of the prototypes per class")
-    parser.add_argument("--km_expand", type=int, default=10, help="only names the output folder")
-    parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None,
-                        help="one prompt per class, in class order")
+    parser.add_argument("--ipc", type=positive_int, default=1, help="images per class; a multiple of the prototypes per class")
+    parser.add_argument("--km_expand", type=positive_int, default=10, help="only names the output folder")
+    parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None, help="one prompt per class, in class order")
     parser.add_argument("--prototype_path", type=str, required=True, help="a .safetensors or .json prototype file")
     parser.add_argument("--save_init_image_path", type=str, default="outputs/syn")
     parser.add_argument("--strength", "-s", type=float, default=0.75)
-    parser.add_argument("--seed", type=int, default=0, help="image j of class c uses noise seeded by (seed, c, j)")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--image_size", type=int, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--seed", type=seed_int, default=0, help="image j of class c uses noise seeded by (seed, c, j)")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=50)
+    parser.add_argument("--image_size", type=positive_int, default=224, help="saved images are image_size x image_size")
     parser.add_argument("--name", type=str, default=None,
                         help="names the output folder; default: the name stage 1 recorded (the dataset, or the image "
                              "folder's name)")
@@ -56,9 +56,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-    for name in ("batch_size", "ipc", "num_inference_steps", "image_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if int(args.num_inference_steps * args.strength) < 1:
         raise UsageError(f"--strength {args.strength} with --num_inference_steps {args.num_inference_steps} "
                          "leaves no denoising step; raise either")

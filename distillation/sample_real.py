@@ -20,24 +20,22 @@ from tqdm import tqdm
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset, write_class_list
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable, claim_folder, exclusive, file_digest
-from d4m.runtime import UsageError, cli, progress_off
+from d4m.runtime import ArgumentParser, UsageError, cli, positive_int, progress_off, seed_int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
     parser.add_argument("--data_dir", "--data-dir", required=True)
     parser.add_argument("--select", default="random", choices=("random", "nearest"))
     parser.add_argument("--prototype_path", default=None, help="stage 1's prototype file (with --select nearest)")
-    parser.add_argument("--ipc", type=int, default=None,
+    parser.add_argument("--ipc", type=positive_int, default=None,
                         help="images per class (default 10; with --select nearest the prototypes per class)")
-    parser.add_argument("--size", type=int, default=None, help="resize to size x size (default: keep)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the random draw")
+    parser.add_argument("--size", type=positive_int, default=None, help="resize to size x size (default: keep)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seeds the random draw")
     parser.add_argument("--label_file_path", "--label-file-path", default=None, help="prompts recorded in classes.json")
     parser.add_argument("--output", required=True, help="folder to write <class>/<image>.png into")
     args = parser.parse_args(argv)
-    if args.ipc is not None and args.ipc < 1:
-        raise UsageError(f"--ipc must be at least 1, got {args.ipc}")
     if args.select == "nearest" and not args.prototype_path:
         raise UsageError("--select nearest needs --prototype_path (the file of distillation/gen_prototype.py)")
     return args

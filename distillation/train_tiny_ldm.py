@@ -32,8 +32,9 @@ from tqdm import tqdm
 from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
 from d4m.device import announce, pick_device
 from d4m.diffusion import no_library_bars
-from d4m.outputs import atomic_path
-from d4m.runtime import UsageError, cli, progress_off
+from d4m.outputs import atomic_path, check_writable, check_writable_file
+from d4m.runtime import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
+                         positive_int, progress_off, seed_int)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -44,32 +45,32 @@ DEFAULT_NEGATIVE = "cartoon, anime, painting"
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=[d for d in DATASETS if d != "imagenet"])
     p.add_argument("--data_dir", "--data-dir", required=True,
                    help="dataset folder (ImageFolder datasets: the folder holding train/)")
     p.add_argument("--label_file_path", "--label-file-path", default=None,
                    help="one prompt per class; default: the shipped file or folder names")
     p.add_argument("--output", required=True, help="folder the diffusers pipeline is saved to")
-    p.add_argument("--image_size", type=int, default=32)
-    p.add_argument("--max_images", type=int, default=0,
-                   help="use at most this many training images, a seeded random subset (0: all)")
-    p.add_argument("--vae_channels", type=int, nargs="+", default=[32, 64, 64])
-    p.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--text_dim", type=int, default=64)
-    p.add_argument("--text_layers", type=int, default=2)
-    p.add_argument("--vae_steps", type=int, default=200)
-    p.add_argument("--unet_steps", type=int, default=1800)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of both phases (AdamW, cosine)")
-    p.add_argument("--kl_weight", type=float, default=1e-4)
+    p.add_argument("--overwrite", action="store_true", help="replace the model an existing --output folder holds")
+    p.add_argument("--image_size", type=positive_int, default=32)
+    p.add_argument("--max_images", type=non_negative_int, default=0, help="use at most this many training images, a seeded random subset (0: all)")
+    p.add_argument("--vae_channels", type=positive_int, nargs="+", default=[32, 64, 64])
+    p.add_argument("--unet_channels", type=positive_int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--text_dim", type=positive_int, default=64)
+    p.add_argument("--text_layers", type=positive_int, default=2)
+    p.add_argument("--vae_steps", type=positive_int, default=200)
+    p.add_argument("--unet_steps", type=positive_int, default=1800)
+    p.add_argument("--batch_size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate of both phases (AdamW, cosine)")
+    p.add_argument("--kl_weight", type=non_negative_float, default=1e-4)
     p.add_argument("--cond_drop", type=float, default=0.1, help="share of samples trained with an unconditional prompt")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE,
                    help="also trained as unconditional (half of the dropped samples); '' to use only the empty prompt")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved UNet weights (0: no EMA)")
     p.add_argument("--fp16", action="store_true", help="save the weights in float16 (half the size)")
     p.add_argument("--samples", default=None, help="also write a text-to-image grid (one row per class) to this PNG")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     check_args(args)
@@ -79,12 +80,27 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     if args.image_size % 2 ** (len(args.vae_channels) - 1):
         raise UsageError(f"--image_size {args.image_size} is not divisible by the VAE's downsampling factor")
-    if min(args.vae_steps, args.unet_steps, args.batch_size) < 1:
-        raise UsageError("--vae_steps, --unet_steps and --batch_size must be positive")
+    if not 0.0 <= args.ema < 1.0:
+        raise UsageError(f"--ema must be in [0, 1), got {args.ema}")
     if not 0.0 <= args.cond_drop < 1.0:
         raise UsageError("--cond_drop must be in [0, 1)")
     if args.text_dim % 4 or any(c % 8 for c in args.unet_channels):
         raise UsageError("--text_dim must be a multiple of 4 and --unet_channels multiples of 8")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before the work: the outputs can be written, and an existing model is replaced only with --overwrite (and
+    only a model folder: the output folder is removed when the new model takes its place)."""
+    output = Path(args.output)
+    check_writable(output, "--output")
+    if args.samples:
+        check_writable_file(args.samples, "--samples")
+    if output.is_dir() and any(output.iterdir()):
+        if not (output / "model_index.json").is_file():
+            raise UsageError(f"{output} holds files but no model (no model_index.json); choose another --output")
+        if not args.overwrite:
+            raise UsageError(f"{output} holds a model already; pass --overwrite to replace it, or choose another "
+                             "--output")
 
 
 def load_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -253,6 +269,7 @@ def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_cl
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_outputs(args)
     from d4m.tiny_sd import build_tiny_sd  # after --help
     device = pick_device(args.device)
     announce("tiny LDM training", device, "float32", 1)

@@ -21,31 +21,32 @@ from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autoc
                         pick_device, precision_name, set_deterministic)
 from d4m.models import load_pretrained, load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive_run, remove_stale_temporaries
-from d4m.runtime import UsageError, barrier, cli, from_rank0, init_distributed, progress_off, together
+from d4m.runtime import (ArgumentParser, UsageError, barrier, cli, from_rank0, init_distributed, non_negative_int,
+                         positive_float, positive_int, progress_off, seed_int, together)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Generate FKD soft labels (training-time matching).")
+    p = ArgumentParser(description="Generate FKD soft labels (training-time matching).")
     p.add_argument("--data", required=True, help="ImageFolder of synthetic images (sorted class folders = class index)")
     p.add_argument("-a", "--arch", default="resnet18", help="torchvision teacher with its default ImageNet weights")
     p.add_argument("--teacher-path", default=None, help="teacher file written by matching/train_teacher.py")
-    p.add_argument("-j", "--workers", type=int, default=4)
-    p.add_argument("-b", "--batch-size", type=int, default=1024)
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("-j", "--workers", type=non_negative_int, default=4)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=1024)
+    p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("--input-size", type=positive_int, default=224)
     p.add_argument("--min-scale-crops", type=float, default=0.08)
     p.add_argument("--max-scale-crops", type=float, default=1.0)
     p.add_argument("--fkd-path", required=True, help="soft-label store folder")
     p.add_argument("--use-fp16", action="store_true", help="store logits in fp16 (and run the teacher in fp16 on CUDA)")
     p.add_argument("--mode", default="fkd_save", choices=["fkd_save"])
-    p.add_argument("--fkd-seed", type=int, default=42)
+    p.add_argument("--fkd-seed", type=seed_int, default=42)
     p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES))
     p.add_argument("--no-flip", action="store_true",
                    help="no horizontal flips (for sets where a mirror image is another class: digits, text)")
-    p.add_argument("--mixup", type=float, default=0.8)
-    p.add_argument("--cutmix", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None, help="torch seed (the store depends on --fkd-seed only)")
-    p.add_argument("--soft-label-topk", type=int, default=None, help="store only the K largest logits per view")
+    p.add_argument("--mixup", type=positive_float, default=0.8)
+    p.add_argument("--cutmix", type=positive_float, default=1.0)
+    p.add_argument("--seed", type=seed_int, default=None, help="torch seed (the store depends on --fkd-seed only)")
+    p.add_argument("--soft-label-topk", type=positive_int, default=None, help="store only the K largest logits per view")
     p.add_argument("--soft-label-int8", action="store_true",
                    help="store every logit in 8 bits between its row's minimum and maximum (half of fp16)")
     p.add_argument("--loader", default="tensor", choices=list(views.LOADERS),
@@ -70,20 +71,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.batch_size < 1 or args.epochs < 1 or args.input_size < 1 or args.workers < 0:
-        raise UsageError("--batch-size, --epochs and --input-size must be positive and --workers >= 0")
     if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1:
         raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1")
-    if args.mixup <= 0 or args.cutmix <= 0:
-        raise UsageError("--mixup and --cutmix are Beta parameters and must be positive")
-    if args.soft_label_topk is not None and args.soft_label_topk < 1:
-        raise UsageError("--soft-label-topk must be at least 1")
     if args.soft_label_topk and args.soft_label_int8:
         raise UsageError("--soft-label-topk and --soft-label-int8 are two ways to shrink the store; choose one")
-    if not 0 <= args.fkd_seed < 2**63 or not 0 <= (args.seed or 0) < 2**63:
-        raise UsageError("--fkd-seed and --seed must be between 0 and 2**63 - 1")
     if args.data_dir and not args.dataset:
         raise UsageError("--data-dir needs --dataset (which of the dataset layouts it holds)")
+    check_writable(args.fkd_path, "--fkd-path")
 
 
 def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.device,
@@ -101,7 +95,7 @@ def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.devi
     try:
         with torch.no_grad(), autocast(device, amp):
             teacher(torch.zeros(1, 3, args.input_size, args.input_size, device=device))
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise UsageError(f"the teacher ({record['arch']}) cannot take {args.input_size} px inputs; "
                          f"use --input-size {record['input_size']}") from err
     return teacher, record
@@ -199,7 +193,6 @@ def main(argv: list[str] | None = None) -> None:
     with together(world):
         if not args.no_label_check and rank == 0 and start < args.epochs:
             checked = label_check(args, teacher, record, data, device, amp)
-    check_writable(args.fkd_path, "--fkd-path")
     with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
         if rank == 0:
             remove_stale_temporaries(args.fkd_path)

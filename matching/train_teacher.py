@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, ImageFolderDataset, class_count, train_dataset, val_dataset
 from d4m.device import announce, pick_device
-from d4m.models import architectures, build_model, save_teacher
+from d4m.models import architectures, build_model, check_input_size, save_teacher
 from d4m.views import image_sizes
-from d4m.outputs import check_writable, exclusive
-from d4m.runtime import UsageError, cli, progress_off
+from d4m.outputs import check_writable_file, exclusive
+from d4m.runtime import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
+                         positive_int, progress_off, seed_int)
 
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
 # Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.
@@ -34,28 +35,27 @@ SMALL_INPUT = 64
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
     p.add_argument("--data-dir", "--data_dir", required=True, help="dataset folder (ImageFolder datasets: the folder holding train/ and val/)")
     p.add_argument("-a", "--arch", default="convnet", help="torchvision classification model name, convnet or resnet18_modified")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("-b", "--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (SGD, momentum 0.9, cosine)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--input-size", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=20)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate (SGD, momentum 0.9, cosine)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4)
+    p.add_argument("--input-size", type=positive_int, default=None,
                    help="default: the dataset's native side; for image folders the side of most training images "
                         "(at most 224)")
     p.add_argument("--no-flip", action="store_true",
                    help="no horizontal flips (for sets where a mirror image is another class: digits, text)")
     p.add_argument("--output", required=True, help="teacher file to write")
-    p.add_argument("-j", "--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("-j", "--workers", type=non_negative_int, default=2)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     if args.arch not in architectures():
         raise UsageError(f"unknown architecture {args.arch!r}; use a torchvision classification model name, convnet or resnet18_modified")
-    if min(args.epochs, args.batch_size) < 1 or args.lr <= 0:
-        raise UsageError("--epochs, --batch-size and --lr must be positive")
     args.input_size = args.input_size or NATIVE_SIZE.get(args.dataset) or folder_side(args.data_dir)
     return args
 
@@ -167,13 +167,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
     announce("teacher training", device, "float32", 1, 0, f"{args.arch} at {args.input_size} px")
-    torch.manual_seed(args.seed)
-    train_loader, val_loader, class_names = loaders(args)
-    model = build_model(args.arch, len(class_names), args.input_size).to(device)
-    check_writable(args.output, "--output")
     output = Path(args.output)
+    check_writable_file(output, "--output")
     with exclusive(output.with_name(f".{output.name}.lock"), f"teacher file {output}"):
-        train(args, model, train_loader, val_loader, class_names, device)
+        if output.exists() and not args.overwrite:
+            raise UsageError(f"{output} exists; pass --overwrite to replace it, or choose another --output")
+        torch.manual_seed(args.seed)
+        train_loader, val_loader, class_names = loaders(args)
+        model = build_model(args.arch, len(class_names), args.input_size)
+        check_input_size(model, args.arch, args.input_size)
+        train(args, model.to(device), train_loader, val_loader, class_names, device)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ def class_images(classes: int, per_class: int, size: int, seed: int) -> tuple[np
     return np.clip(images, 0, 255).astype(np.uint8), labels
 
 
+PROMPTS = Path(__file__).resolve().parent.parent / "distillation" / "label-prompt"
+
+
+def real_names(dataset: str) -> list[str]:
+    """The dataset's own class names, as its files spell them (CIFAR-100's with underscores: aquarium_fish)."""
+    return [line.strip().replace(" ", "_") for line in (PROMPTS / f"{dataset}.txt").read_text().splitlines()]
+
+
 def fake_wnids(classes: int) -> list[str]:
     """WordNet-id-shaped folder names whose sorted order is their index order."""
     return [f"n{index:08d}" for index in range(classes)]
@@ -74,7 +82,7 @@ def _cifar_rows(images: np.ndarray) -> np.ndarray:
 def write_cifar10(root: Path, per_class: int = 1, test_per_class: int = 1) -> Path:
     """root/cifar-10-batches-py/: data_batch_1..5 (the training images dealt round-robin), test_batch, batches.meta."""
     folder = root / "cifar-10-batches-py"
-    names = [f"class {c}" for c in range(10)]
+    names = real_names("cifar10")
     images, labels = class_images(10, per_class, 32, seed=0)
     for b in range(5):
         _dump(folder / f"data_batch_{b + 1}", {"batch_label": f"training batch {b + 1} of 5",
@@ -93,7 +101,7 @@ def write_cifar100(root: Path, per_class: int = 1, test_per_class: int = 1) -> P
         images, labels = class_images(100, count, 32, seed)
         _dump(folder / split, {"data": _cifar_rows(images), "fine_labels": labels.tolist(),
                                "coarse_labels": (labels // 5).tolist()})
-    _dump(folder / "meta", {"fine_label_names": [f"fine {c}" for c in range(100)],
+    _dump(folder / "meta", {"fine_label_names": real_names("cifar100"),
                             "coarse_label_names": [f"coarse {c}" for c in range(20)]})
     return root
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from d4m.data import train_dataset, val_dataset
 from d4m.runtime import UsageError
-from dataset_files import class_images, write_cifar10, write_cifar100
+from dataset_files import class_images, real_names, write_cifar10, write_cifar100
 
 
 def test_cifar10_reads_every_training_batch(tmp_path):
@@ -18,7 +18,7 @@ def test_cifar10_reads_every_training_batch(tmp_path):
     assert data.data.dtype == np.uint8 and data.data.shape == (30, 32, 32, 3)
     np.testing.assert_array_equal(data.data, np.concatenate([images[b::5] for b in range(5)]))
     assert data.targets == np.concatenate([labels[b::5] for b in range(5)]).tolist()
-    assert data.classes == [f"class {c}" for c in range(10)]
+    assert data.classes == real_names("cifar10") and data.classes[0] == "airplane"
     image, label = data[7]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
     np.testing.assert_array_equal(np.asarray(image), data.data[7])
@@ -39,7 +39,7 @@ def test_cifar100_uses_fine_labels_and_names(tmp_path):
     images, labels = class_images(100, 2, 32, seed=0)
     np.testing.assert_array_equal(train.data, images)
     assert train.targets == labels.tolist()
-    assert train.classes == [f"fine {c}" for c in range(100)]
+    assert train.classes == real_names("cifar100") and train.classes[1] == "aquarium_fish"  # the meta's order
     test = val_dataset("cifar100", str(tmp_path))
     assert len(test) == 100 and test.data.shape == (100, 32, 32, 3)
 

@@ -3,6 +3,7 @@ folder that cannot be written. Each is valid (and works) or gets one line and ex
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
@@ -177,3 +178,74 @@ def test_a_prompt_file_with_more_lines_than_classes_is_refused(tmp_path, capsys)
     assert run_script("distillation/sample_real.py", args + ["--ipc", 1]) == 2
     assert "has 4 prompts but the dataset has 3 classes" in one_error_line(capsys)
     assert ImageFolderDataset(data / "train").classes == ["class0", "class1", "class2"]
+
+
+@pytest.mark.parametrize("script, args, named", [
+    ("distillation/gen_prototype.py", ["--seed", -1], "--seed"),
+    ("distillation/gen_syn_image.py", ["--prototype_path", "p.safetensors", "--seed", -1], "--seed"),
+    ("distillation/sample_real.py", ["--data_dir", "d", "--output", "o", "--seed", -2], "--seed"),
+    ("distillation/train_tiny_ldm.py", ["--dataset", "imagefolder", "--data_dir", "d", "--output", "o", "--seed", -1],
+     "--seed"),
+    ("distillation/train_tiny_ldm.py", ["--dataset", "imagefolder", "--data_dir", "d", "--output", "o", "--lr", 0],
+     "--lr"),
+    ("matching/train_teacher.py", ["--dataset", "imagefolder", "--data-dir", "d", "--output", "t.pt", "--seed", -1],
+     "--seed"),
+    ("matching/train_teacher.py", ["--dataset", "imagefolder", "--data-dir", "d", "--output", "t.pt",
+                                   "--input-size", -32], "--input-size"),
+    (MATCH, ["--data", "d", "--fkd-path", "s", "--fkd-seed", -1], "--fkd-seed"),
+    (MATCH, ["--data", "d", "--fkd-path", "s", "--seed", -1], "--seed"),
+    (TRAIN, ["--train-dir", "d", "--output-dir", "o", "--adamw-lr", -1], "--adamw-lr"),
+    ("validate/evaluate.py", ["--set", "a=d", "--output", "o", "--adamw-lr", -1], "--adamw-lr"),
+    ("validate/evaluate.py", ["--set", "a=d", "--output", "o", "--epochs", 0], "--epochs"),
+])
+def test_a_negative_seed_or_non_positive_rate_is_one_line(tmp_path, capsys, monkeypatch, script, args, named):
+    monkeypatch.chdir(tmp_path)
+    assert run_script(script, args) == 2
+    line = one_error_line(capsys)
+    assert named in line and "must be" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_input_sizes_too_small_for_the_teacher_are_one_line(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    assert run_script(MATCH, match_args(data, teacher, tmp_path / "s", "--input-size", 4, "--epochs", 1,
+                                        "--device", "cpu")) == 2
+    assert "cannot take 4 px inputs; use --input-size 32" in one_error_line(capsys)
+    args = ["--dataset", "imagefolder", "--data-dir", data, "-a", "convnet", "--epochs", 1, "--workers", 0,
+            "--input-size", 4, "--output", tmp_path / "t.pt", "--device", "cpu"]
+    assert run_script("matching/train_teacher.py", args) == 2
+    assert "convnet cannot take 4 px images" in one_error_line(capsys)
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t.pt").exists()
+
+
+def test_a_prompt_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("caf\xe9\nth\xe9\n".encode("latin-1"))
+    prototypes = tmp_path / "p.safetensors"
+    save_prototypes(prototypes, ["class0", "class1"], torch.zeros(2, 1, 4, 2, 2))
+    runs = [("distillation/gen_prototype.py", ["--dataset", "imagefolder", "--data_dir", data,
+                                               "--save_prototype_path", tmp_path / "out", "--device", "cpu"]),
+            ("distillation/gen_syn_image.py", ["--dataset", "imagefolder", "--prototype_path", prototypes,
+                                               "--save_init_image_path", tmp_path / "out", "--device", "cpu"]),
+            ("distillation/sample_real.py", ["--dataset", "imagefolder", "--data_dir", data, "--output",
+                                             tmp_path / "out"])]
+    for script, args in runs:
+        assert run_script(script, args + ["--label_file_path", labels]) == 2, script
+        line = one_error_line(capsys)
+        assert str(labels) in line and "is not UTF-8 text (byte b'\\xe9' at offset 3); save it as UTF-8" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_named_in_another_encoding_is_used_and_such_a_class_folder_is_one_line(tiny, tmp_path, capsys):
+    data, teacher = tiny
+    odd = os.fsencode(data / "train" / "class1") + b"/caf\xe9.png"
+    shutil.copy(data / "train" / "class1" / "0.png", odd)
+    store = tmp_path / "store"
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 0
+    assert json.loads((store / "meta.json").read_text())["num_images"] == 13
+    assert run_script(TRAIN, train_args(data, store, tmp_path / "out", "--epochs", 1, "--device", "cpu")) == 0
+    os.rename(data / "train" / "class2", os.fsencode(data / "train") + b"/\xff")
+    capsys.readouterr()
+    assert run_script(MATCH, match_args(data, teacher, tmp_path / "store2", "--epochs", 1, "--device", "cpu")) == 2
+    assert "class folder b'\\xff' in" in one_error_line(capsys)

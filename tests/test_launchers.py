@@ -130,7 +130,7 @@ def chain_runs(tiny_sd, tmp_path_factory) -> dict:
     with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
         futures = {c.dataset: pool.submit(run_chain, c, envs[c.dataset], roots[c.dataset]) for c in CHAINS}
         runs = {dataset: future.result() for dataset, future in futures.items()}
-    return {"roots": roots, "runs": runs, "outputs_before": before, "outputs_after": outputs_snapshot()}
+    return {"roots": roots, "envs": envs, "runs": runs, "outputs_before": before, "outputs_after": outputs_snapshot()}
 
 
 @pytest.mark.parametrize("dataset", list(BY_NAME))
@@ -161,6 +161,18 @@ def test_chain_writes_every_stage_under_out_dir(chain_runs, dataset):
     assert result["epochs"] == EPOCHS and result["model"] == "convnet"
     assert (student / "model_best.pth.tar").is_file()
     assert "final: top-1" in runs[3].stdout
+
+
+def test_rerunning_a_finished_chain_continues_every_stage(chain_runs):
+    """A second run of the launchers on finished outputs (as after an interruption at the end) redoes no
+    training: the student's checkpoint is read back, not trained again."""
+    chain = BY_NAME["fashion_mnist"]
+    root = chain_runs["roots"][chain.dataset]
+    checkpoint = root / "out" / "student" / chain.name / "checkpoint.pth.tar"
+    before = checkpoint.read_bytes()
+    runs = run_chain(chain, chain_runs["envs"][chain.dataset], root)
+    assert [run.returncode for run in runs] == [0, 0, 0, 0], runs[-1].stderr[-3000:]
+    assert "final: top-1" in runs[3].stdout and checkpoint.read_bytes() == before
 
 
 def test_chains_leave_the_repository_outputs_alone(chain_runs):
@@ -367,3 +379,23 @@ def test_run_all_imagefolder_without_data_is_one_line(tmp_path):
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "error: run_all.sh imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders"]
     assert not (tmp_path / "out").exists()
+
+
+def test_the_training_launcher_resumes_the_run_its_folder_holds(recorder, tmp_path):
+    """The launcher passes --resume when the output folder holds a run (its own checkpoint or a seed's), unless
+    the flags say --overwrite or --resume themselves."""
+    python, log = recorder
+    env = launcher_env(PYTHON=python, ARGV_LOG=log, OUT_DIR=tmp_path / "o")
+    student = tmp_path / "o" / "student" / "cifar10_ipc10_10_s0.7_g8.0_kmexpand1"
+
+    def resumes(*flags) -> bool:
+        assert run_bash(BY_NAME["cifar10"].launchers[3], env, tmp_path, *flags).returncode == 0
+        return recorded(log)[-1].count("--resume") == 1
+
+    assert not resumes()
+    for held in (student / "checkpoint.pth.tar", student / "seed1" / "checkpoint.pth.tar"):
+        held.parent.mkdir(parents=True, exist_ok=True)
+        held.write_bytes(b"")
+        assert resumes() and not resumes("--overwrite")
+        assert resumes("--resume", "other.pth.tar") and recorded(log)[-1][-2:] == ["--resume", "other.pth.tar"]
+        held.unlink()

@@ -46,3 +46,15 @@ def test_missing_evaluation_is_one_line(tmp_path, capsys):
     assert run_script("validate/report.py", argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "run validate/evaluate.py first" in err[0]
+
+
+def test_an_output_that_cannot_be_written_is_one_line_before_the_work(tmp_path, capsys):
+    write_eval(tmp_path / "eval1", 1)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    argv = ["--dataset", "imagefolder", "--data-dir", tmp_path / "no_data", "--teacher-path", tmp_path / "no.pt",
+            "--evals", tmp_path / "eval1", "--output-json", tmp_path / "r.json", "--curve", blocker / "curve.png"]
+    assert run_script("validate/report.py", argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, so" in err[0] and "--curve" in err[0]
+    assert not (tmp_path / "r.json").exists()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
-from conftest import DEVICES, device_flags, load_script, run_script, run_torchrun
+from conftest import DEVICES, device_flags, load_script, make_image_folder, run_script, run_torchrun
 from d4m import fkd
 from d4m.store import epoch_file
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
@@ -186,7 +186,8 @@ def test_hard_labels_are_the_mixed_one_hot_rows(tiny):
     module = load_script(TRAIN)
     for mix in ("cutmix", "mixup"):
         args = argparse.Namespace(teacher_path=None, fkd_seed=None, batch_size=5, input_size=32, mix_type=mix,
-                                  mixup=0.8, cutmix=1.0, min_scale_crops=0.08, max_scale_crops=1.0, no_flip=False)
+                                  mixup=0.8, cutmix=1.0, min_scale_crops=0.08, max_scale_crops=1.0,
+                                  no_flip=False)
         labels = module.HardLabels(args, folder, hw)
         plan = labels.epoch(0, torch.device("cpu"))
         for b in range(plan.num_batches):
@@ -215,3 +216,103 @@ def test_hard_protocol_needs_no_store(tiny, tmp_path):
     assert run_script(TRAIN, args) == 0
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["protocol"] == "hard" and 0 <= result["top1"] <= 100
+
+
+def error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if "%|" not in line and line.replace("\x1b[A", "").strip()]  # tqdm bars are not messages
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line_naming_it(tiny, tmp_path, capsys):
+    """Damaged, not a checkpoint, or of a run with other settings (architecture, class count, epochs): refused in
+    one line that names the file, before any work, writing nothing; what may change on resume (-j,
+    --eval-interval) does not stop it."""
+    data, store = tiny
+    run = tmp_path / "run"
+    assert run_script(TRAIN, train_args(data, store, run, "--epochs", 2, "--device", "cpu")) == 0
+    ckpt = run / "checkpoint.pth.tar"
+    truncated = tmp_path / "truncated.pth.tar"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    text = tmp_path / "notes.pth.tar"
+    text.write_text("not a checkpoint")
+    four = make_image_folder(tmp_path / "four", classes=4, per_class=2)
+    other = tmp_path / "other"
+    assert run_script(TRAIN, train_args(four, tmp_path / "unused", other, "--epochs", 2, "--protocol", "hard",
+                                        "--device", "cpu")) == 0
+    out = tmp_path / "out"
+    cases = [
+        (truncated, [], "does not load"),
+        (text, [], "does not load"),
+        (run / "model_best.pth.tar", [], "is not a checkpoint of validate/train_FKD.py"),
+        (ckpt, ["--model", "resnet18"], "--model convnet there, resnet18 here"),
+        (ckpt, ["--epochs", 3], "--epochs 2 there, 3 here"),
+        (other / "checkpoint.pth.tar", [], "the class count 4 there, 3 here"),
+    ]
+    for path, extra, says in cases:
+        capsys.readouterr()
+        assert run_script(TRAIN, train_args(data, store, out, "--epochs", 2, "--device", "cpu", *extra,
+                                            "--resume", path)) == 2, path
+        line = error_line(capsys)
+        assert str(path) in line and says in line and "--overwrite" in line, line
+        assert not out.exists()
+    before = ckpt.read_bytes()
+    assert run_script(TRAIN, train_args(data, store, run, "--epochs", 2, "--device", "cpu", "-j", 1,
+                                        "--eval-interval", 1, "--resume")) == 0
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2 and ckpt.read_bytes() == before
+
+
+def test_a_stop_between_the_checkpoint_and_the_metrics_loses_no_row(tiny, tmp_path):
+    """The metrics rows travel in the checkpoint: a run stopped after writing epoch 1's checkpoint but before its
+    metrics file still ends, resumed, with one row per epoch."""
+    data, store = tiny
+    out = tmp_path / "out"
+    args = train_args(data, store, out, "--epochs", 3, "--eval-interval", 1, "--device", "cpu")
+    module = load_script(TRAIN)
+    real, calls = module.write_metrics, []
+
+    def stopped(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    module.write_metrics = stopped
+    with pytest.raises(KeyboardInterrupt):
+        module.main([str(a) for a in args])
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert run_script(TRAIN, args + ["--resume"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2] and all("top1" in row for row in rows)
+    assert torch.load(out / "checkpoint.pth.tar", weights_only=True)["metrics"] == rows
+
+
+def test_an_output_folder_holding_a_run_needs_resume_or_overwrite(tiny, tmp_path, capsys):
+    data, store = tiny
+    out = tmp_path / "out"
+    assert run_script(TRAIN, train_args(data, store, out, "--epochs", 1, "--device", "cpu")) == 0
+    before = (out / "checkpoint.pth.tar").read_bytes()
+    for extra in ([], ["--seeds", 2], ["--resume", "--overwrite"]):
+        capsys.readouterr()
+        assert run_script(TRAIN, train_args(data, store, out, "--epochs", 2, "--device", "cpu", *extra)) == 2
+        line = error_line(capsys)
+        assert "--resume" in line and "--overwrite" in line, line
+    assert (out / "checkpoint.pth.tar").read_bytes() == before
+    assert run_script(TRAIN, train_args(data, store, out, "--epochs", 2, "--seed", 1, "--device", "cpu",
+                                        "--overwrite")) == 0
+    state = torch.load(out / "checkpoint.pth.tar", weights_only=True)
+    assert state["epoch"] == 2 and state["settings"]["seed"] == 1
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", -1), ("--fkd_seed", -1), ("--adamw-lr", -1), ("-lr", 0),
+                                         ("--weight-decay", -1), ("--epochs", 0), ("--batch-size", -5),
+                                         ("-T", "nan"), ("--input-size", 4)])
+def test_bad_numbers_are_one_line(tiny, tmp_path, capsys, flag, value):
+    data, store = tiny
+    args = train_args(data, store, tmp_path / "out", "--protocol", "hard", "--sgd", "--device", "cpu", flag, value)
+    assert run_script(TRAIN, args) == 2
+    assert flag in error_line(capsys)
+    assert not (tmp_path / "out").exists()

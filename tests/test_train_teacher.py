@@ -31,3 +31,17 @@ def test_bad_input_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
     assert not out.exists()
+
+
+def test_an_existing_teacher_file_is_replaced_only_with_overwrite(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    out = tmp_path / "teacher.pt"
+    out.write_bytes(b"an earlier teacher")
+    args = ["--dataset", "imagefolder", "--data-dir", data, "-a", "convnet", "--epochs", "1", "--batch-size", "8",
+            "--input-size", "32", "--workers", "0", "--device", "cpu", "--output", out]
+    assert run_script(SCRIPT, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{out} exists; pass --overwrite to replace it" in err[0]
+    assert out.read_bytes() == b"an earlier teacher"
+    assert run_script(SCRIPT, args + ["--overwrite"]) == 0
+    assert load_teacher_file(out)[1]["num_classes"] == 3

@@ -1,6 +1,8 @@
 """distillation/train_tiny_ldm.py: a few steps on a tiny image folder give a folder that SD's img2img loads and runs."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import make_image_folder, run_script
@@ -44,3 +46,28 @@ def test_bad_input_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert not out.exists()
+
+
+def test_outputs_are_checked_before_the_work_and_a_model_replaced_only_with_overwrite(trained, tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    others = tmp_path / "others"
+    others.mkdir()
+    (others / "notes.txt").write_text("keep me")
+    common = ["--dataset", "imagefolder", "--data_dir", data, "--device", "cpu", *TINY]
+    cases = [(["--output", trained], "holds a model already; pass --overwrite"),
+             (["--output", others, "--overwrite"], "holds files but no model"),
+             (["--output", tmp_path / "model", "--samples", blocker / "grid.png"], "is a file, so"),
+             (["--output", blocker / "model"], "is a file, so")]
+    index = (trained / "model_index.json").read_bytes()
+    for extra, says in cases:
+        assert run_script(SCRIPT, common + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "model").exists() and (others / "notes.txt").read_text() == "keep me"
+    assert (trained / "model_index.json").read_bytes() == index
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    assert run_script(SCRIPT, common + ["--output", copy, "--overwrite"]) == 0
+    assert (copy / "model_index.json").is_file() and not (copy.parent / ".copy.tmp").exists()

@@ -29,7 +29,8 @@ from pathlib import Path
 from d4m.data import DATASETS, ImageFolderDataset
 from d4m.models import load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive
-from d4m.runtime import UsageError, cli
+from d4m.runtime import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
+                         positive_int)
 
 REPO = Path(__file__).resolve().parent.parent
 MATCH = REPO / "matching" / "generate_soft_label.py"
@@ -41,7 +42,7 @@ RDED_LR = {"mobilenet_v2": 0.0025, "efficientnet_b0": 0.002, "vgg11": 0.0005, "a
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
                    help="an image set (ImageFolder) to evaluate, e.g. d4m=..., random=..., nearest=...; several "
                         "folders (one per seed: random draws with other sampling seeds) train one student each")
@@ -52,27 +53,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-a", "--arch", default=None, help="else a torchvision teacher with its ImageNet weights")
     p.add_argument("--models", default="resnet18", help="comma-separated student architectures")
     p.add_argument("--protocols", default="fkd", help=f"comma-separated, of {', '.join(PROTOCOLS)}")
-    p.add_argument("--seeds", type=int, default=1, help="students per set, architecture and protocol")
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("-b", "--batch-size", type=int, default=1024)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("-T", "--temperature", type=float, default=20.0)
-    p.add_argument("--adamw-lr", type=float, default=0.001)
-    p.add_argument("--adamw-weight-decay", type=float, default=0.01)
+    p.add_argument("--seeds", type=positive_int, default=1, help="students per set, architecture and protocol")
+    p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("-b", "--batch-size", type=positive_int, default=1024)
+    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    p.add_argument("--input-size", type=positive_int, default=224)
+    p.add_argument("-T", "--temperature", type=positive_float, default=20.0)
+    p.add_argument("--adamw-lr", type=positive_float, default=0.001)
+    p.add_argument("--adamw-weight-decay", type=non_negative_float, default=0.01)
     p.add_argument("--mix-type", default="cutmix", choices=("cutmix", "mixup", "None"))
     p.add_argument("--use-fp16", action="store_true", help="fp16 soft labels in the stores (matching)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips, in every protocol")
     p.add_argument("--online-recipe", default="rded", choices=("rded", "same"),
                    help="rded: the online runs take RDED's batch size, learning rate per architecture, temperature "
                         "and half-cosine schedule; same: the recipe of the other protocols")
-    p.add_argument("--real-hard-top1", type=float, default=None,
+    p.add_argument("--real-hard-top1", type=non_negative_float, default=None,
                    help="top-1 of the architecture trained on the whole real training set with hard labels, for the "
                         "hard-label recovery score (default: the teacher file's, for the teacher's architecture)")
     p.add_argument("--no-label-check", action="store_true", help="passed to matching")
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("--device", default=None)
-    p.add_argument("--nproc", type=int, default=1, help="run each stage under torchrun with this many processes")
+    p.add_argument("--nproc", type=positive_int, default=1, help="run each stage under torchrun with this many processes")
     p.add_argument("--output", required=True)
     args = p.parse_args(argv)
     args.sets = dict(parse_set(text) for text in args.set)
@@ -83,8 +84,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"unknown protocol {unknown[0]!r}; choose from {', '.join(PROTOCOLS)}")
     if ("fkd" in args.protocols or "online" in args.protocols) and not (args.teacher_path or args.arch):
         raise UsageError("protocols fkd and online need a teacher: --teacher-path or -a")
-    if args.seeds < 1 or args.nproc < 1:
-        raise UsageError("--seeds and --nproc must be positive")
     for name, folders in args.sets.items():
         if len(folders) not in (1, args.seeds):
             raise UsageError(f"--set {name} names {len(folders)} folders; give one, or one per seed ({args.seeds})")

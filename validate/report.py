@@ -23,8 +23,8 @@ from d4m import labelcheck
 from d4m.data import DATASETS, ImageFolderDataset, load_rgb, val_dataset
 from d4m.models import load_teacher_file
 from d4m.prototypes import PrototypeFile
-from d4m.outputs import atomic_path
-from d4m.runtime import UsageError, cli
+from d4m.outputs import atomic_path, check_writable_file
+from d4m.runtime import ArgumentParser, UsageError, cli, non_negative_float
 
 CELL = 64  # pixels per image in the picture of the set
 GAP = 12
@@ -35,7 +35,7 @@ PROTOCOL_LABELS = {"fkd": "stored soft labels", "online": "online soft labels", 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--evals", nargs="+", required=True, help="output folders of validate/evaluate.py")
     p.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
     p.add_argument("--data-dir", "--data_dir", required=True)
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--real-images", default=None, help="the random real ImageFolder")
     p.add_argument("--prototypes", default=None, help="prototype file of gen_prototype.py")
     p.add_argument("--diffusion_checkpoints_path", default=None, help="model whose VAE decodes the prototypes")
-    p.add_argument("--seconds", type=float, default=None, help="wall time of the chain, recorded in the JSON")
+    p.add_argument("--seconds", type=non_negative_float, default=None, help="wall time of the chain, recorded in the JSON")
     return p.parse_args(argv)
 
 
@@ -201,6 +201,9 @@ def markdown(rows: list[dict], teacher: float, teacher_arch: str) -> str:
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for flag in ("output_json", "curve", "models_figure", "figure"):
+        if getattr(args, flag):
+            check_writable_file(getattr(args, flag), "--" + flag.replace("_", "-"))
     rows, scores = read_evals(args.evals)
     if not rows:
         raise UsageError("the evaluation folders hold no results")

@@ -39,21 +39,33 @@ from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
                         pick_device, precision_name, set_deterministic)
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
-from d4m.models import build_model, load_pretrained, load_teacher_file
+from d4m.models import build_model, check_input_size, load_pretrained, load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive_run
-from d4m.runtime import UsageError, cli, from_rank0, init_distributed, progress_off
+from d4m.runtime import (ArgumentParser, UsageError, cli, first_line, from_rank0, init_distributed, non_negative_float,
+                         non_negative_int, positive_float, positive_int, progress_off, seed_int, together)
 
 PROTOCOLS = ("fkd", "online", "hard")
 SCHEDULES = ("linear", "cosine", "half-cosine")
+CHECKPOINT = "checkpoint.pth.tar"
+RUN_FILES = (CHECKPOINT, "model_best.pth.tar", "metrics.jsonl", "results.json")
+# How a run is carried out rather than what it trains, so these may differ on --resume: another batch split,
+# precision or kernel changes the last bits of the weights, --eval-interval which epochs are validated, --seeds how
+# many students there are.
+MAY_CHANGE = frozenset({"workers", "device", "deterministic", "dist_timeout", "amp", "compile", "loader", "sync_bn",
+                        "gradient_accumulation_steps", "eval_interval", "seeds", "wandb", "wandb_project",
+                        "wandb_api_key"})
+# Not settings of a student: where it is written, how this invocation starts, and --cos (kept as --lr-schedule).
+NOT_SETTINGS = frozenset({"output_dir", "resume", "overwrite", "start_epoch", "cos"})
+PATH_SETTINGS = ("train_dir", "val_dir", "data_dir", "fkd_path", "teacher_path")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a student on the synthetic set and validate on the real set.")
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--start-epoch", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("-j", "--workers", type=int, default=4)
+    p = ArgumentParser(description="Train a student on the synthetic set and validate on the real set.")
+    p.add_argument("--batch-size", type=positive_int, default=1024)
+    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    p.add_argument("--start-epoch", type=non_negative_int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("--train-dir", "--train_dir", required=True, help="the synthetic ImageFolder used for matching")
     p.add_argument("--val-dir", "--val_dir", default=None, help="real validation ImageFolder (with --dataset imagefolder)")
     p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
@@ -64,14 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="per-epoch factor: linear 1-e/E (default), cosine 0.5(1+cos(pi e/E)), half-cosine "
                         "0.5(1+cos(pi e/2E)) (RDED's, which ends at half the rate)")
     p.add_argument("--sgd", action="store_true", help="SGD (else AdamW)")
-    p.add_argument("-lr", "--learning-rate", type=float, default=1.024)
-    p.add_argument("--momentum", type=float, default=0.875)
-    p.add_argument("--weight-decay", type=float, default=3e-5)
-    p.add_argument("--adamw-lr", type=float, default=0.001)
-    p.add_argument("--adamw-weight-decay", type=float, default=0.01)
+    p.add_argument("-lr", "--learning-rate", type=positive_float, default=1.024)
+    p.add_argument("--momentum", type=non_negative_float, default=0.875)
+    p.add_argument("--weight-decay", type=non_negative_float, default=3e-5)
+    p.add_argument("--adamw-lr", type=positive_float, default=0.001)
+    p.add_argument("--adamw-weight-decay", type=non_negative_float, default=0.01)
     p.add_argument("--model", default="resnet18")
-    p.add_argument("--keep-topk", type=int, default=1000)
-    p.add_argument("-T", "--temperature", type=float, default=3.0)
+    p.add_argument("--keep-topk", type=positive_int, default=1000)
+    p.add_argument("-T", "--temperature", type=positive_float, default=3.0)
     p.add_argument("--protocol", default="fkd", choices=PROTOCOLS,
                    help="fkd: stored soft labels (needs --fkd-path); online: a teacher labels every batch (needs "
                         "--teacher-path or --teacher-arch); hard: cross-entropy on the class labels")
@@ -79,12 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-path", default=None, help="teacher file of matching/train_teacher.py (protocol online)")
     p.add_argument("--teacher-arch", default=None,
                    help="a torchvision model with its default ImageNet weights as the teacher (protocol online)")
-    p.add_argument("--mixup", type=float, default=0.8, help="MixUp's Beta parameter (protocols online, hard)")
-    p.add_argument("--cutmix", type=float, default=1.0, help="CutMix's Beta parameter (protocols online, hard)")
+    p.add_argument("--mixup", type=positive_float, default=0.8, help="MixUp's Beta parameter (protocols online, hard)")
+    p.add_argument("--cutmix", type=positive_float, default=1.0, help="CutMix's Beta parameter (protocols online, hard)")
     p.add_argument("--min-scale-crops", type=float, default=0.08, help="(protocols online, hard)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (protocols online, hard)")
     p.add_argument("--max-scale-crops", type=float, default=1.0, help="(protocols online, hard)")
-    p.add_argument("--seeds", type=int, default=1,
+    p.add_argument("--seeds", type=positive_int, default=1,
                    help="train this many students, seeds --seed .. --seed+N-1 (online and hard also shift --fkd_seed), "
                         "each in OUTPUT_DIR/seed<k> when N > 1, and report mean and std of their final top-1")
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
@@ -92,12 +104,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wandb-api-key", default=None)
     p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES),
                    help="default: the store's (fkd), else cutmix")
-    p.add_argument("--fkd_seed", type=int, default=None, help="default: the store's (fkd), else 42")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--eval-interval", type=int, default=50)
-    p.add_argument("--resume", nargs="?", const="", default=None,
-                   help="continue from a checkpoint (default: OUTPUT_DIR/checkpoint.pth.tar)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation")
+    p.add_argument("--fkd_seed", type=seed_int, default=None, help="default: the store's (fkd), else 42")
+    p.add_argument("--input-size", type=positive_int, default=224)
+    p.add_argument("--eval-interval", type=positive_int, default=50)
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue the run OUTPUT_DIR holds (or the one CKPT was written by) with the settings it "
+                        f"was started with; only {', '.join(sorted(flag(k) for k in MAY_CHANGE))} may differ")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUTPUT_DIR that holds a run, discarding its checkpoint, best model, "
+                        "metrics and results")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the student's initialisation")
     p.add_argument("--loader", default="tensor", choices=list(views.LOADERS),
                    help="tensor: decode once into host memory, crop and resize on the device; pil: the original's "
                         "per-image PIL path")
@@ -108,18 +124,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="under torchrun, BatchNorm statistics over the pieces of all processes (SyncBatchNorm, CUDA)")
     add_device_args(p)
     args = p.parse_args(argv)
-    if min(args.batch_size, args.epochs, args.gradient_accumulation_steps, args.eval_interval, args.keep_topk,
-           args.seeds) < 1:
-        raise UsageError("--batch-size, --epochs, --gradient-accumulation-steps, --eval-interval, --keep-topk and "
-                         "--seeds must be positive")
-    if args.temperature <= 0 or args.workers < 0 or args.start_epoch < 0:
-        raise UsageError("--temperature must be positive and --workers, --start-epoch non-negative")
     if args.protocol == "fkd" and not args.fkd_path:
         raise UsageError("--protocol fkd needs --fkd-path (the store of matching/generate_soft_label.py)")
     if args.protocol == "online" and not (args.teacher_path or args.teacher_arch):
         raise UsageError("--protocol online needs --teacher-path or --teacher-arch")
-    if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1 or args.mixup <= 0 or args.cutmix <= 0:
-        raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1, and --mixup, --cutmix > 0")
+    if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1:
+        raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1")
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume continues the run in the output folder and --overwrite discards it; choose one")
+    if args.resume and args.seeds > 1:
+        raise UsageError(f"--resume {args.resume} names one student's checkpoint; with --seeds {args.seeds} give "
+                         "--resume alone (each student continues from its own folder)")
     args.lr_schedule = args.lr_schedule or ("cosine" if args.cos else "linear")
     return args
 
@@ -381,32 +396,72 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def read_metrics(path: Path, before_epoch: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row["epoch"] < before_epoch]
+def flag(key: str) -> str:
+    """The command-line flag of a setting, for messages."""
+    return {"fkd_seed": "--fkd_seed", "workers": "-j", "num_classes": "the class count"}.get(
+        key, "--" + key.replace("_", "-"))
 
 
-def checkpoint(net: nn.Module, optimizer, scheduler, scaler, epoch: int, best: float, device: torch.device) -> dict:
-    """Everything a resumed run needs to continue with the same weights as an uninterrupted one."""
+def run_settings(args: argparse.Namespace, meta: dict, seed: int, plan_seed: int) -> dict:
+    """What a student is trained with: recorded in its checkpoints, and what a resumed run must repeat."""
+    settings = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE | NOT_SETTINGS}
+    settings.update({k: str(Path(settings[k]).resolve()) for k in PATH_SETTINGS if settings[k]})
+    settings.update(seed=seed, fkd_seed=plan_seed, mix_type=meta["mix_type"], num_classes=meta["num_classes"])
+    return settings
+
+
+def checkpoint(net: nn.Module, optimizer, scheduler, scaler, epoch: int, best: float, device: torch.device,
+               settings: dict, metrics: list[dict]) -> dict:
+    """Everything a resumed run needs to continue with the same weights as an uninterrupted one, the settings it
+    must repeat, and the metrics rows so far (the metrics file is rewritten from them)."""
     state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best, "rng": torch.get_rng_state()}
+             "scaler": scaler.state_dict(), "epoch": epoch, "best_top1": best, "rng": torch.get_rng_state(),
+             "settings": settings, "metrics": metrics}
     if device.type == "cuda":
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def load_checkpoint(path: Path, net: nn.Module, optimizer, scheduler, scaler, device: torch.device) -> tuple[int, float]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state.get("scaler", {}))
-    torch.set_rng_state(state["rng"])
+CHECKPOINT_KEYS = frozenset({"model", "optimizer", "scheduler", "scaler", "epoch", "best_top1", "rng", "settings",
+                             "metrics"})
+AFRESH = "or start afresh: --overwrite in place of --resume"
+
+
+def read_checkpoint(path: Path, settings: dict) -> dict:
+    """The checkpoint at `path`, refused in one line when it does not load, is not a checkpoint of this script, or
+    is of a run with other settings than `settings`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated, damaged or foreign file: torch raises many kinds
+        raise UsageError(f"checkpoint {path} does not load ({first_line(err)}); resume from an intact one, "
+                         f"{AFRESH}") from err
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise UsageError(f"{path} is not a checkpoint of validate/train_FKD.py (or one from before checkpoints "
+                         f"recorded their settings); resume from one, {AFRESH}")
+    recorded = state["settings"]
+    differ = [k for k in sorted(recorded.keys() | settings.keys()) if recorded.get(k) != settings.get(k)]
+    if differ:
+        shown = "; ".join(f"{flag(k)} {recorded.get(k)} there, {settings.get(k)} here" for k in differ)
+        raise UsageError(f"checkpoint {path} is of a run with other settings ({shown}); resume with the settings it "
+                         f"was started with, {AFRESH}")
+    return state
+
+
+def restore(state: dict, path: Path, net: nn.Module, optimizer, scheduler, scaler,
+            device: torch.device) -> tuple[int, float, list[dict]]:
+    """Load a checked checkpoint into the run; returns (next epoch, best top-1, the metrics rows so far)."""
+    try:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:  # e.g. a torchvision whose model differs
+        raise UsageError(f"checkpoint {path} does not fit this {type(net).__name__} ({first_line(err)}); "
+                         f"resume with the library versions it was written with, {AFRESH}") from err
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return int(state["epoch"]), float(state["best_top1"])
+    return int(state["epoch"]), float(state["best_top1"]), list(state["metrics"])
 
 
 def resume_from(args: argparse.Namespace, out: Path) -> Path | None:
@@ -414,12 +469,69 @@ def resume_from(args: argparse.Namespace, out: Path) -> Path | None:
     that has none starts afresh), else none."""
     if args.resume is None:
         return None
-    path = Path(args.resume) if args.resume else out / "checkpoint.pth.tar"
+    path = Path(args.resume) if args.resume else out / CHECKPOINT
     if path.is_file():
         return path
     if args.resume or args.seeds == 1:
         raise UsageError(f"cannot resume: {path} does not exist; drop --resume or pass the checkpoint's path")
     return None
+
+
+def start_state(args: argparse.Namespace, out: Path, settings: dict, net: nn.Module, optimizer, scheduler, scaler,
+                device: torch.device, rank: int) -> tuple[int, float, list[dict]]:
+    """(first epoch, best top-1, metrics rows so far): --start-epoch's on a fresh run, else the checkpoint's, whose
+    rows are written out again (a run stopped between the checkpoint and the metrics file had not yet written
+    the last)."""
+    path = resume_from(args, out)
+    if path is None:
+        for _ in range(args.start_epoch):
+            scheduler.step()
+        return args.start_epoch, -1.0, []
+    start, best, metrics = restore(read_checkpoint(path, settings), path, net, optimizer, scheduler, scaler, device)
+    if rank == 0:
+        write_metrics(out / "metrics.jsonl", metrics)
+    return start, best, metrics
+
+
+def held_checkpoints(base: Path) -> list[Path]:
+    """The checkpoints of the runs an output folder holds: its own and its seed<k> folders'."""
+    return [p for p in (base / CHECKPOINT, *sorted(base.glob(f"seed*/{CHECKPOINT}"))) if p.is_file()]
+
+
+def discard_runs(base: Path) -> None:
+    """--overwrite: remove the files of the runs `base` holds, so that none outlives the new run beside its files."""
+    for folder in (base, *sorted(p for p in base.glob("seed*") if p.is_dir())):
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
+
+
+def check_outputs(args: argparse.Namespace, meta: dict, students: list[tuple[int, Path, int]], base: Path) -> None:
+    """An output folder that holds a run is refused unless --resume or --overwrite; --overwrite discards that run;
+    every checkpoint to resume from is checked."""
+    held = held_checkpoints(base)
+    if held and args.resume is None and not args.overwrite:
+        raise UsageError(f"{base} holds a training run ({held[0]}); continue it with --resume, or discard it and "
+                         "start afresh with --overwrite")
+    if args.overwrite:
+        discard_runs(base)
+    for seed, out, plan_seed in students:
+        path = resume_from(args, out)
+        if path is not None:
+            read_checkpoint(path, run_settings(args, meta, seed, plan_seed))
+
+
+def prepare_outputs(args: argparse.Namespace, meta: dict, students: list[tuple[int, Path, int]], base: Path,
+                    rank: int, world: int) -> None:
+    """check_outputs, on rank 0 for every process, before the images are decoded."""
+    with together(world):
+        if rank == 0:
+            check_outputs(args, meta, students, base)
+
+
+def student_runs(args: argparse.Namespace, base: Path, plan_seed: int) -> list[tuple[int, Path, int]]:
+    """(seed, output folder, plan seed) of each of the --seeds students (online and hard shift the plan seed too)."""
+    return [(args.seed + k, base / f"seed{args.seed + k}" if args.seeds > 1 else base,
+             plan_seed + (k if args.protocol != "fkd" else 0)) for k in range(args.seeds)]
 
 
 def start_wandb(args: argparse.Namespace):
@@ -460,14 +572,9 @@ def train_one(args: argparse.Namespace, labels, source, val_loader: DataLoader, 
     optimizer = build_optimizer(args, net)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    start, best = args.start_epoch, -1.0
-    for _ in range(start):
-        scheduler.step()
-    checkpoint_path = resume_from(args, out)
-    if checkpoint_path is not None:
-        start, best = load_checkpoint(checkpoint_path, net, optimizer, scheduler, scaler, device)
+    settings = run_settings(args, meta, seed, labels.plan_seed)
+    start, best, metrics = start_state(args, out, settings, net, optimizer, scheduler, scaler, device, rank)
     model = wrap(net, args, device, rank, world)
-    metrics = read_metrics(out / "metrics.jsonl", start)
     run = start_wandb(args) if args.wandb and rank == 0 else None
     top1 = topk = None
     k = min(5, meta["num_classes"])
@@ -487,7 +594,8 @@ def train_one(args: argparse.Namespace, labels, source, val_loader: DataLoader, 
         if rank == 0:
             row["seconds"] = time.time() - began
             metrics.append(row)
-            atomic_save(checkpoint(net, optimizer, scheduler, scaler, epoch + 1, best, device), out / "checkpoint.pth.tar")
+            state = checkpoint(net, optimizer, scheduler, scaler, epoch + 1, best, device, settings, metrics)
+            atomic_save(state, out / CHECKPOINT)
             write_metrics(out / "metrics.jsonl", metrics)
             if run is not None:
                 run.log(row)
@@ -513,6 +621,8 @@ def summary(args: argparse.Namespace, runs: list[dict], num_images: int, num_cla
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    base = Path(args.output_dir)
+    check_writable(base, "--output-dir")
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
@@ -525,7 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     hw = views.image_sizes(paths)
     labels = build_labels(args, data, hw, device, amp, rank, world)
     val_loader = build_val(args, labels.meta, rank, world, device)
-    build_model(args.model, labels.meta["num_classes"], args.input_size)  # an unknown architecture fails here
+    check_input_size(build_model(args.model, labels.meta["num_classes"], args.input_size), args.model, args.input_size)
     shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
     loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
     announce("training", device, precision_name(amp), world, rank, f"student {args.model}",
@@ -534,23 +644,22 @@ def main(argv: list[str] | None = None) -> None:
     if steps < 2 and rank == 0:
         print(f"warning: the {len(paths)} images make one batch of --batch-size {args.batch_size}, so every epoch is a "
               "single optimiser step; a smaller batch gives more", file=sys.stderr)
-    base = Path(args.output_dir)
-    check_writable(base, "--output-dir")
     with exclusive_run(base / ".lock", f"output folder {base}", rank, world):
+        students = student_runs(args, base, labels.plan_seed)
+        prepare_outputs(args, labels.meta, students, base, rank, world)
         source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
-        train_all(args, labels, source, val_loader, base, len(paths), len(data.classes), device, rank, world, amp)
+        train_all(args, labels, source, val_loader, students, base, len(paths), len(data.classes), device, rank,
+                  world, amp)
 
 
-def train_all(args: argparse.Namespace, labels, source, val_loader: DataLoader, base: Path, num_images: int,
-              num_classes: int, device: torch.device, rank: int, world: int, amp: torch.dtype | None) -> None:
+def train_all(args: argparse.Namespace, labels, source, val_loader: DataLoader, students: list[tuple[int, Path, int]],
+              base: Path, num_images: int, num_classes: int, device: torch.device, rank: int, world: int,
+              amp: torch.dtype | None) -> None:
     """The --seeds students one after the other, and their summary."""
-    plan_seed = labels.plan_seed
     runs = []
-    for k in range(args.seeds):
-        out = base / f"seed{args.seed + k}" if args.seeds > 1 else base
-        if args.protocol != "fkd":
-            labels.plan_seed = plan_seed + k
-        result = train_one(args, labels, source, val_loader, args.seed + k, out, device, rank, world, amp)
+    for seed, out, plan_seed in students:
+        labels.plan_seed = plan_seed
+        result = train_one(args, labels, source, val_loader, seed, out, device, rank, world, amp)
         runs.append(result)
         if rank == 0 and args.seeds > 1:
             with atomic_path(out / "results.json") as tmp:

@@ -2,6 +2,7 @@
 # Stage 4 for ImageNet-1K: a resnet18 student trained from scratch on the images and soft labels
 # of stages 2 and 3 (300 epochs, cosine, T 20, AdamW lr 1e-3 wd 0.01), validated on the real
 # validation split of DATA_DIR; writes $OUT_DIR/student/imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/.
+# A rerun continues the run that folder holds (--overwrite among the flags starts afresh instead).
 # Environment, shared by the four ImageNet-1K launchers (same names, same defaults); this one reads:
 #   DATA_DIR  the dataset's folder (default data/imagenet)
 #   SEEDS     students trained, seeds 0 .. SEEDS-1, summarised as mean and std (default 1)
@@ -26,10 +27,15 @@ if [ -n "${NPROC:-}" ]; then
     RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC")
 fi
 NAME=imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
+STUDENT=$OUT_DIR/student/$NAME
+RESUME=  # set when the folder holds a run and the flags choose neither --overwrite nor --resume
+if [ -e "$STUDENT/checkpoint.pth.tar" ] || compgen -G "$STUDENT/seed*/checkpoint.pth.tar" >/dev/null; then
+    [[ " $* " == *" --overwrite "* || " $* " == *" --resume"* ]] || RESUME=--resume
+fi
 "${RUN[@]}" validate/train_FKD.py \
     --train-dir "$OUT_DIR/syn/$NAME" \
     --fkd-path "$OUT_DIR/fkd/$NAME" \
-    --output-dir "$OUT_DIR/student/$NAME" \
+    --output-dir "$STUDENT" \
     --dataset imagenet --data-dir "$DATA_DIR" \
     --model resnet18 \
     --batch-size 1024 \
@@ -42,4 +48,5 @@ NAME=imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
     --adamw-weight-decay 0.01 \
     --mix-type cutmix \
     --seeds "$SEEDS" \
+    ${RESUME:+"$RESUME"} \
     "$@"

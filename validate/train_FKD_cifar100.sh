@@ -2,6 +2,7 @@
 # Stage 4 for CIFAR-100: a convnet student trained from scratch on the images and soft labels
 # of stages 2 and 3 (RDED's recipe, below), validated on the real
 # validation split of DATA_DIR; writes $OUT_DIR/student/cifar100_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/.
+# A rerun continues the run that folder holds (--overwrite among the flags starts afresh instead).
 # Recipe: RDED's validation settings for this dataset (Sun et al., "On the Diversity and Realism of
 # Distilled Dataset", CVPR 2024; github.com/LINs-lab/RDED, argument.py), which scale the batch with the
 # set: BATCH images (10 at IPC 1, 50 up to IPC 10, 100 above, twice that for its 100 classes, at
@@ -33,10 +34,15 @@ case $IPC in 1) BATCH=10 ;; [2-9]|10) BATCH=50 ;; *) BATCH=100 ;; esac  # RDED: 
 BATCH=$(( BATCH * 2 ))  # RDED: twice that for 100 classes
 BATCH=$(( BATCH < IPC * 100 ? BATCH : IPC * 100 ))  # at most the whole set
 NAME=cifar100_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
+STUDENT=$OUT_DIR/student/$NAME
+RESUME=  # set when the folder holds a run and the flags choose neither --overwrite nor --resume
+if [ -e "$STUDENT/checkpoint.pth.tar" ] || compgen -G "$STUDENT/seed*/checkpoint.pth.tar" >/dev/null; then
+    [[ " $* " == *" --overwrite "* || " $* " == *" --resume"* ]] || RESUME=--resume
+fi
 "${RUN[@]}" validate/train_FKD.py \
     --train-dir "$OUT_DIR/syn/$NAME" \
     --fkd-path "$OUT_DIR/fkd/$NAME" \
-    --output-dir "$OUT_DIR/student/$NAME" \
+    --output-dir "$STUDENT" \
     --dataset cifar100 --data-dir "$DATA_DIR" \
     --model convnet \
     --batch-size "$BATCH" \
@@ -48,4 +54,5 @@ NAME=cifar100_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
     --adamw-weight-decay 0.01 \
     --mix-type cutmix \
     --seeds "$SEEDS" \
+    ${RESUME:+"$RESUME"} \
     "$@"

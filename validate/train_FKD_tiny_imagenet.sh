@@ -2,6 +2,7 @@
 # Stage 4 for Tiny-ImageNet: a resnet18_modified student trained from scratch on the images and soft labels
 # of stages 2 and 3 (RDED's recipe, below), validated on the real
 # validation split of DATA_DIR; writes $OUT_DIR/student/tiny_imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1/.
+# A rerun continues the run that folder holds (--overwrite among the flags starts afresh instead).
 # Recipe: RDED's validation settings for Tiny-ImageNet (Sun et al., "On the Diversity and Realism of
 # Distilled Dataset", CVPR 2024; github.com/LINs-lab/RDED, argument.py): batches of 100 images (at most the
 # set), 300 epochs, CutMix, T 20, AdamW lr 1e-3, weight decay 0.01, a half cosine. Matching and training
@@ -31,10 +32,15 @@ if [ -n "${NPROC:-}" ]; then
 fi
 BATCH=$(( IPC * 200 < 100 ? IPC * 200 : 100 ))  # RDED: Tiny-ImageNet trains in batches of 100
 NAME=tiny_imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
+STUDENT=$OUT_DIR/student/$NAME
+RESUME=  # set when the folder holds a run and the flags choose neither --overwrite nor --resume
+if [ -e "$STUDENT/checkpoint.pth.tar" ] || compgen -G "$STUDENT/seed*/checkpoint.pth.tar" >/dev/null; then
+    [[ " $* " == *" --overwrite "* || " $* " == *" --resume"* ]] || RESUME=--resume
+fi
 "${RUN[@]}" validate/train_FKD.py \
     --train-dir "$OUT_DIR/syn/$NAME" \
     --fkd-path "$OUT_DIR/fkd/$NAME" \
-    --output-dir "$OUT_DIR/student/$NAME" \
+    --output-dir "$STUDENT" \
     --dataset tiny_imagenet --data-dir "$DATA_DIR" \
     --model resnet18_modified \
     --batch-size "$BATCH" \
@@ -46,4 +52,5 @@ NAME=tiny_imagenet_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
     --adamw-weight-decay 0.01 \
     --mix-type cutmix \
     --seeds "$SEEDS" \
+    ${RESUME:+"$RESUME"} \
     "$@"
