@@ -46,6 +46,9 @@ def build_model(arch: str, num_classes: int, input_size: int = 224) -> nn.Module
     import torchvision
 
     if arch == "convnet":
+        if input_size < 8:  # three halvings leave nothing for the classifier
+            raise UsageError(f"convnet cannot take {input_size} px images (it halves them three times); choose an "
+                             "--input-size of 8 or more")
         return ConvNet(num_classes, input_size)
     if arch == "resnet18_modified":
         model = torchvision.models.resnet18(num_classes=num_classes)

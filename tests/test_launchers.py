@@ -323,7 +323,7 @@ def test_run_all_fashion_mnist_loops_over_ipcs_and_seeds(recorder, tmp_path):
     assert report[report.index("--evals") + 1:report.index("--evals") + 3] == [
         "/o/eval/fashion_mnist_ipc1", "/o/eval/fashion_mnist_ipc2"]
     bad = run_bash("run_all.sh", launcher_env(PYTHON=python, ARGV_LOG=log, SEEDS="x"), tmp_path)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: IPCS and SEEDS take positive integers")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: IPCS, SEEDS and EPOCHS take positive integers")
 
 
 @pytest.mark.parametrize("dataset,expected", [("cifar10", {1: 10, 10: 50, 50: 100}),

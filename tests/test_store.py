@@ -184,7 +184,7 @@ def test_a_failed_run_does_not_block_its_corrected_rerun(tiny, tmp_path, capsys,
     assert not store.exists()
     image.write_bytes(whole)
     assert match(data, teacher, store, "--loader", loader, "--fkd-seed", -1) == 2
-    assert "--fkd-seed and --seed must be between 0 and 2**63 - 1" in one_error_line(capsys)
+    assert "argument --fkd-seed: must be an integer from 0 to 2**63 - 1" in one_error_line(capsys)
     assert not store.exists()
     assert match(data, teacher, store, "--loader", loader) == 0
 
