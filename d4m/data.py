@@ -110,9 +110,10 @@ def load_rgb(path: str | Path) -> Image.Image:
     """Any image as 8-bit RGB: grey, palette and alpha images converted, 16-bit ones scaled (not clipped)."""
     try:
         with Image.open(path) as img:
-            if img.mode.startswith("I"):  # 16- or 32-bit integer grey
+            if img.mode.startswith("I"):  # 16-bit grey (I;16*), or 32-bit integers holding 8 or 16 bits
                 pixels = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray(np.clip(pixels / 257.0 if pixels.max() > 255 else pixels, 0, 255)
+                sixteen_bit = img.mode.startswith("I;16") or pixels.max() > 255
+                img = Image.fromarray(np.clip(pixels / 257.0 if sixteen_bit else pixels, 0, 255)
                                       .round().astype(np.uint8))
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError) as err:

@@ -40,6 +40,8 @@ def test_unusual_image_modes_are_read_as_8_bit_rgb(tmp_path):
     pixels = np.asarray(load_rgb(tmp_path / "grey16.png"))
     assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
     assert abs(pixels[..., 0].astype(float).mean() - (grey16 / 257).mean()) < 0.5  # scaled, not clipped to white
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(tmp_path / "dark16.png")  # 16 bits, all values < 256
+    assert np.asarray(load_rgb(tmp_path / "dark16.png"))[0, 0].tolist() == [1, 1, 1]  # 200 / 257, not 200
     assert np.asarray(load_rgb(tmp_path / "rgba.png"))[0, 0].tolist() == [200, 0, 0]
     assert np.asarray(load_rgb(tmp_path / "palette.png"))[0, 0].tolist() == [77, 77, 77]
     assert np.asarray(load_rgb(tmp_path / "grey.png"))[0, 0].tolist() == [33, 33, 33]
