@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import errno
 import functools
+import io
 import math
 import os
 import sys
@@ -84,6 +85,8 @@ def cli(main: Callable[[], None]) -> Callable[[], None]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        if isinstance(sys.stdout, io.TextIOWrapper):  # print paths not named in UTF-8 escaped, as stderr does
+            sys.stdout.reconfigure(errors="backslashreplace")
         try:
             return main(*args, **kwargs)
         except UsageError as err:

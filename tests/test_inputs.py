@@ -251,3 +251,13 @@ def test_an_image_named_in_another_encoding_is_used_and_such_a_class_folder_is_o
     capsys.readouterr()
     assert run_script(MATCH, match_args(data, teacher, tmp_path / "store2", "--epochs", 1, "--device", "cpu")) == 2
     assert "class folder b'\\xff' in" in one_error_line(capsys)
+
+
+def test_an_output_folder_named_in_another_encoding_is_written_and_printed_escaped(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/out\xff")
+    capsys.readouterr()
+    assert run_script("distillation/sample_real.py", ["--dataset", "imagefolder", "--data-dir", data, "--output", out,
+                                                      "--ipc", "1"]) == 0
+    assert f"wrote 2 images to {tmp_path}/out\\udcff" in capsys.readouterr().out
+    assert os.path.isfile(os.fsencode(tmp_path) + b"/out\xff/classes.json")
