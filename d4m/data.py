@@ -168,11 +168,20 @@ class TinyImageNetVal(Dataset):
         root = Path(root)
         annotations = root / "val_annotations.txt"
         index = {name: i for i, name in enumerate(classes)}
+        try:
+            lines = annotations.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise UsageError(f"{annotations} is not UTF-8 text (byte at offset {err.start}); restore the file "
+                             "shipped with Tiny-ImageNet") from err
         self.samples = []
-        for line in annotations.read_text().splitlines():
+        for number, line in enumerate(lines, 1):
             fields = line.split("\t")
-            if len(fields) >= 2:
-                self.samples.append((str(root / "images" / fields[0]), index[fields[1]]))
+            if len(fields) < 2:
+                continue
+            if fields[1] not in index:
+                raise UsageError(f"{annotations}, line {number}: class {fields[1]!r} has no folder in train/; "
+                                 "train/ and val/ must hold the same classes")
+            self.samples.append((str(root / "images" / fields[0]), index[fields[1]]))
         self.targets = [label for _, label in self.samples]
         self.classes = classes
         self.transform = transform

@@ -7,7 +7,7 @@ from PIL import Image
 
 from d4m.data import train_dataset, val_dataset
 from d4m.runtime import UsageError
-from dataset_files import class_images, real_names, write_cifar10, write_cifar100
+from dataset_files import class_images, real_names, write_cifar10, write_cifar100, write_tiny_imagenet
 
 
 def test_cifar10_reads_every_training_batch(tmp_path):
@@ -51,3 +51,16 @@ def test_missing_cifar_file_names_the_file_and_the_layout(tmp_path):
         train_dataset("cifar10", str(tmp_path))
     with pytest.raises(UsageError, match=r"cifar-100-python/train not found; expected .*cifar-100-python/ with train, test and meta"):
         train_dataset("cifar100", str(tmp_path))
+
+
+def test_tiny_imagenet_annotations_that_do_not_fit_are_one_line(tmp_path):
+    root = write_tiny_imagenet(tmp_path / "tiny", classes=3)
+    assert sorted(label for _, label in val_dataset("tiny_imagenet", str(root)).samples) == [0, 1, 2]
+    annotations = root / "val" / "val_annotations.txt"
+    rows = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(rows[:2] + ["val_x.JPEG\tn99999999\t0\t0\t1\t1"]) + "\n")
+    with pytest.raises(UsageError, match=r"line 3: class 'n99999999' has no folder in train/"):
+        val_dataset("tiny_imagenet", str(root))
+    annotations.write_bytes(b"val_0.JPEG\tn\xe9\t0\t0\t1\t1\n")
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        val_dataset("tiny_imagenet", str(root))
