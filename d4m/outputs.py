@@ -179,6 +179,11 @@ def text_digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def differing_keys(recorded: dict, now: dict) -> list[str]:
+    """The settings, in sorted order, whose values differ between a recorded run and this one (absent counts)."""
+    return sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+
+
 def _holds_outputs(folder: Path) -> bool:
     return any(p.is_file() and not p.name.startswith(".") and p.name != MANIFEST for p in folder.rglob("*"))
 
@@ -196,8 +201,8 @@ def claim_folder(folder: str | os.PathLike, settings: dict, flag: str, write: bo
         if recorded is None:
             raise UsageError(f"{folder} holds files but no readable {MANIFEST}, so the settings they were made with "
                              f"are unknown; remove the folder or choose another {flag}")
-        differ = [k for k in sorted(set(recorded) | set(settings)) if recorded.get(k) != settings.get(k)]
-        shown = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now" for k in differ[:3])
+        shown = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now"
+                          for k in differing_keys(recorded, settings)[:3])
         raise UsageError(f"{folder} holds files made with other settings ({shown}); rerun with the settings it "
                          f"records in {MANIFEST} to resume, or choose another {flag}")
     if write:

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from d4m.fkd import EpochPlan
-from d4m.outputs import atomic_path, create_once
+from d4m.outputs import atomic_path, create_once, differing_keys, file_digest
 from d4m.runtime import UsageError
 
 META_NAME = "meta.json"
@@ -65,14 +65,6 @@ def keep_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
         return logits
     parts = topk_compress(logits, k)
     return topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], logits.shape[1])
-
-
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def image_fingerprint(root: str | Path, samples: Sequence[tuple[str, int]]) -> str:
@@ -117,7 +109,7 @@ def read_meta(store: str | Path) -> dict:
 
 def check_same_run(store: Path, meta: dict) -> None:
     old = read_meta(store)
-    diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+    diff = differing_keys(old, meta)
     if diff:
         details = ", ".join(f"{k}: stored {old.get(k)!r} vs now {meta.get(k)!r}" for k in diff)
         raise UsageError(f"the soft-label store {store} was made by a different run ({details}); "

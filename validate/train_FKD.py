@@ -40,7 +40,7 @@ from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autoc
                         pick_device, precision_name, set_deterministic)
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.models import build_model, check_input_size, load_pretrained, load_teacher_file
-from d4m.outputs import atomic_path, check_writable, exclusive_run
+from d4m.outputs import atomic_path, check_writable, differing_keys, exclusive_run
 from d4m.runtime import (ArgumentParser, UsageError, cli, first_line, from_rank0, init_distributed, non_negative_float,
                          non_negative_int, positive_float, positive_int, progress_off, seed_int, together)
 
@@ -439,7 +439,7 @@ def read_checkpoint(path: Path, settings: dict) -> dict:
         raise UsageError(f"{path} is not a checkpoint of validate/train_FKD.py (or one from before checkpoints "
                          f"recorded their settings); resume from one, {AFRESH}")
     recorded = state["settings"]
-    differ = [k for k in sorted(recorded.keys() | settings.keys()) if recorded.get(k) != settings.get(k)]
+    differ = differing_keys(recorded, settings)
     if differ:
         shown = "; ".join(f"{flag(k)} {recorded.get(k)} there, {settings.get(k)} here" for k in differ)
         raise UsageError(f"checkpoint {path} is of a run with other settings ({shown}); resume with the settings it "
