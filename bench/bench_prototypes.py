@@ -29,12 +29,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 
+from d4m.cli import UsageError
 from d4m.data import FashionMNIST, ImageFolderDataset, default_prompt_file, load_prompts
 from d4m.device import compile_unavailable, memory_format, pick_device
 from d4m.diffusion import batch_invariant, load_pipeline, pipeline_dtype, use_sdpa
 from d4m.kmeans import class_centres
 from d4m.latents import ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, shuffled
-from d4m.runtime import UsageError, seeded_generator
+from d4m.runtime import seeded_generator
 from d4m.tiny_sd import build_sd15, build_tiny_sd
 from measure import machine, peak_device_gb, print_rows, reset_peaks, timed, write_json
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline

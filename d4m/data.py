@@ -15,13 +15,12 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from d4m.cli import DATASETS, UsageError
 from d4m.outputs import atomic_path
-from d4m.runtime import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPT_DIR = REPO_ROOT / "distillation" / "label-prompt"
 
-DATASETS = ("imagenet", "tiny_imagenet", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
 NUM_CLASSES = {"imagenet": 1000, "tiny_imagenet": 200, "cifar10": 10, "cifar100": 100, "fashion_mnist": 10}
 # The side of the dataset's own images: what a classifier of that dataset is trained and tested at.
 NATIVE_SIZE = {"imagenet": 224, "tiny_imagenet": 64, "cifar10": 32, "cifar100": 32, "fashion_mnist": 32}

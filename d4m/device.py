@@ -2,7 +2,6 @@
 start, mixed precision and memory layout for the classifiers, and the --deterministic switch."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shutil
@@ -10,23 +9,10 @@ import sys
 
 import torch
 
-from d4m.runtime import UsageError, positive_float
+from d4m.cli import DIFFUSION_DTYPES, UsageError
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # diffusion weights
+DTYPES = {name: getattr(torch, name) for name in DIFFUSION_DTYPES}  # the diffusion weights
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-DIST_TIMEOUT_MINUTES = 180
-
-
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    """--device, --deterministic and --dist-timeout, the same in every stage."""
-    parser.add_argument("--device", default=None,
-                        help="cuda, cuda:N or cpu (default: this process's CUDA device, else the CPU with a warning)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="the same bits on every run on a GPU: deterministic cuDNN/cuBLAS kernels and no TF32 "
-                             "(slower); CPU runs are deterministic without it")
-    parser.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
-                        help="under torchrun, how long a process may wait for the others before the run is aborted")
 
 
 def cuda_build() -> str:

@@ -1,6 +1,6 @@
 """Loading Stable Diffusion checkpoints (local diffusers folders or hub ids) with clear errors.
 
-diffusers is imported where it is used, so that the scripts answer --help without it."""
+diffusers and transformers are imported where they are used, so that a stage loads them once its inputs are checked."""
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d4m.cli import UsageError
 from d4m.device import DTYPES, compile_unavailable
-from d4m.runtime import UsageError
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 

@@ -28,7 +28,6 @@ from d4m.runtime import derive_seed
 from d4m.views import CropViews, PilViews, iterate_views
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
-MIX_TYPES = ("mixup", "cutmix", "None")
 
 
 # ----------------------------------------------------------------------------- plans

@@ -12,7 +12,6 @@ import torch
 
 from d4m.runtime import seeded_generator
 
-METHODS = ("faithful", "full")
 MAX_ITER = 300
 TOL = 1e-4  # as sklearn's: stop when the centres move less than TOL * mean per-feature variance (squared)
 
@@ -20,7 +19,7 @@ TOL = 1e-4  # as sklearn's: stop when the centres move less than TOL * mean per-
 def faithful_centres(latents: np.ndarray, ipc: int, km_expand: int) -> np.ndarray:
     """The original's fit: MiniBatchKMeans.partial_fit on chunks of km_expand*ipc latents in arrival order,
     the leftover chunk included when it holds at least ipc latents."""
-    from sklearn.cluster import MiniBatchKMeans  # imported on use: scripts answer --help without it
+    from sklearn.cluster import MiniBatchKMeans  # imported on use: only the faithful method needs it
 
     chunk = km_expand * ipc
     kmeans = MiniBatchKMeans(n_clusters=ipc, random_state=0, batch_size=chunk, n_init="auto")

@@ -11,10 +11,11 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
+from d4m.cli import UsageError
 from d4m.device import autocast, memory_format
-from d4m.runtime import UsageError
 
 
 
@@ -27,8 +28,6 @@ def floor(classes: int) -> float:
 
 def eval_transform(input_size: int, mean, std):
     """The validation transform of train_FKD.py: resize (by 256/224 at ImageNet sizes), centre crop, normalise."""
-    import torchvision.transforms as T  # imported on use: scripts answer --help without torchvision
-
     resize = int(input_size * 256 / 224) if input_size >= 224 else input_size
     return T.Compose([T.Resize(resize), T.CenterCrop(input_size), T.ToTensor(), T.Normalize(mean, std)])
 

@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from d4m.cli import UsageError
 from d4m.device import memory_format
-from d4m.runtime import UsageError, seeded_generator
+from d4m.runtime import seeded_generator
 
 if TYPE_CHECKING:
     from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline

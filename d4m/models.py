@@ -5,10 +5,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torchvision
 
+from d4m.cli import UsageError, first_line
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.outputs import atomic_path
-from d4m.runtime import UsageError, first_line
 
 EXTRA_ARCHS = ("convnet", "resnet18_modified")
 
@@ -36,15 +37,11 @@ class ConvNet(nn.Module):
 
 
 def architectures() -> list[str]:
-    import torchvision  # here and below, so that a script's --help does not wait for torchvision
-
     return sorted(torchvision.models.list_models(module=torchvision.models)) + list(EXTRA_ARCHS)
 
 
 def build_model(arch: str, num_classes: int, input_size: int = 224) -> nn.Module:
     """A randomly initialised classifier by name: any torchvision classification model, convnet, resnet18_modified."""
-    import torchvision
-
     if arch == "convnet":
         if input_size < 8:  # three halvings leave nothing for the classifier
             raise UsageError(f"convnet cannot take {input_size} px images (it halves them three times); choose an "
@@ -106,8 +103,6 @@ def load_teacher_file(path: str | Path) -> tuple[nn.Module, dict]:
 
 def load_pretrained(arch: str) -> tuple[nn.Module, dict]:
     """A torchvision model with its default ImageNet weights (downloaded by torchvision on first use)."""
-    import torchvision
-
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise UsageError(f"unknown architecture {arch!r}; use a torchvision classification model name or --teacher-path")
     weights = torchvision.models.get_model_weights(arch).DEFAULT

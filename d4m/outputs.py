@@ -13,7 +13,8 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from d4m.runtime import UsageError, together
+from d4m.cli import UsageError
+from d4m.runtime import together
 
 
 def check_writable(path: str | os.PathLike, flag: str) -> None:

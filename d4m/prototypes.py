@@ -24,9 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
-from d4m.runtime import UsageError
+from d4m.cli import UsageError
 
-FORMATS = ("safetensors", "json")
 
 
 def prototype_filename(dataset: str, ipc: int, km_expand: int, fmt: str) -> str:

@@ -31,9 +31,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from d4m.cli import UsageError
 from d4m.fkd import EpochPlan
 from d4m.outputs import atomic_path, create_once, differing_keys, file_digest
-from d4m.runtime import UsageError
 
 META_NAME = "meta.json"
 FORMAT = 2  # meta.json's `format`: 2 = images fingerprinted by content, epoch files marked with the run's identity

@@ -29,10 +29,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from d4m.cli import UsageError
 from d4m.data import load_rgb
-from d4m.runtime import UsageError, barrier, first_error
+from d4m.runtime import barrier, first_error
 
-LOADERS = ("tensor", "pil")
 SHARED_MEMORY = Path("/dev/shm")
 RESIZE_CHUNK = 256  # views resized per matrix product: bounds the device memory of a batch
 Spec = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # image indices, crop fractions, flips of a job's views

@@ -6,20 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from d4m.data import DATASETS, class_count, describe_prompts, resolve_prompts, train_dataset
-from d4m.device import (add_device_args, announce, compile_unavailable, memory_format, pick_device,
-                        set_deterministic)
-from d4m.diffusion import batch_invariant, load_pipeline
-from d4m.kmeans import METHODS, class_centres, nearest_members
-from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
-                         shuffled)
-from d4m.prototypes import FORMATS, PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
-from d4m.outputs import check_writable_file, exclusive_run
-from d4m.runtime import (ArgumentParser, UsageError, barrier, cli, first_error, from_rank0, init_distributed,
-                         non_negative_int, positive_int, progress_off, seed_int)
+from d4m.cli import (ArgumentParser, DATASETS, KMEANS_METHODS, PROTOTYPE_FORMATS, UsageError, add_device_args, cli,
+                     non_negative_int, positive_int, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,7 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="local diffusers folder or hub id")
     parser.add_argument("--ipc", type=positive_int, default=1, help="prototypes (k-means centres) per class")
     parser.add_argument("--km_expand", type=positive_int, default=10, help="k-means mini-batch = km_expand * ipc latents")
-    parser.add_argument("--kmeans", type=str, default="faithful", choices=METHODS,
+    parser.add_argument("--kmeans", type=str, default="faithful", choices=KMEANS_METHODS,
                         help="faithful: the original's per-class MiniBatchKMeans fed km_expand*ipc latents at a time; "
                              "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device")
     parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None, help="one prompt per class, in class order")
@@ -41,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
     parser.add_argument("--size", type=positive_int, default=512, help="images are resized to size x size before encoding")
     parser.add_argument("--seed", type=seed_int, default=0, help="seeds the class shuffles and the posterior samples")
-    parser.add_argument("--prototype_format", type=str, default="safetensors", choices=FORMATS)
+    parser.add_argument("--prototype_format", type=str, default="safetensors", choices=PROTOTYPE_FORMATS)
     parser.add_argument("--name", type=str, default=None,
                         help="names the outputs (NAME-ipc..., and stage 2's folder); default: the dataset, or for "
                              "imagefolder the data folder's name")
@@ -49,6 +37,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch.compile the VAE encoder (batches are then padded to --batch_size)")
     add_device_args(parser)
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from d4m.data import class_count, describe_prompts, resolve_prompts, train_dataset
+from d4m.device import announce, compile_unavailable, memory_format, pick_device, set_deterministic
+from d4m.diffusion import batch_invariant, load_pipeline
+from d4m.kmeans import class_centres, nearest_members
+from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
+                         shuffled)
+from d4m.prototypes import PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
+from d4m.outputs import check_writable_file, exclusive_run
+from d4m.runtime import barrier, first_error, from_rank0, init_distributed, progress_off
 
 
 def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], classes: list[int],
@@ -123,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
     out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
     check_writable_file(out, "--save_prototype_path")
-    from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline  # after --help
+    # diffusers loads here, once the inputs are checked
+    from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
     pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
     pipe.vae.to(memory_format=memory_format(device))

@@ -7,21 +7,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-from PIL import Image
-from tqdm import tqdm
+from d4m.cli import ArgumentParser, DATASETS, DIFFUSION_DTYPES, UsageError, add_device_args, cli, positive_int, seed_int
 
-from d4m.data import DATASETS, NUM_CLASSES, default_prompt_file, describe_prompts, load_prompts, write_class_list
-from d4m.device import DTYPES, add_device_args, announce, memory_format, pick_device, set_deterministic
-from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
-from d4m.prototypes import PrototypeFile
-from d4m.outputs import atomic_path, check_writable, claim_folder_run, exclusive_run, file_digest, text_digest
-from d4m.runtime import (ArgumentParser, UsageError, barrier, cli, init_distributed, positive_int, progress_off, seed_int,
-                         seeded_generator)
-
-
-RESIZE_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS,
-                  "nearest": Image.NEAREST}
+RESIZE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest")  # PIL resampling filters
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,11 +31,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", type=str, default=None,
                         help="names the output folder; default: the name stage 1 recorded (the dataset, or the image "
                              "folder's name)")
-    parser.add_argument("--resize_filter", default="bicubic", choices=tuple(RESIZE_FILTERS),
+    parser.add_argument("--resize_filter", default="bicubic", choices=RESIZE_FILTERS,
                         help="PIL filter of the resize to --image_size (bicubic: PIL's default, as the original saved)")
     parser.add_argument("--negative_prompt", type=str, default="cartoon, anime, painting")
     parser.add_argument("--safety_checker", action="store_true", help="load and apply the checkpoint's safety checker")
-    parser.add_argument("--dtype", type=str, default="auto", choices=("auto", *DTYPES),
+    parser.add_argument("--dtype", type=str, default="auto", choices=("auto", *DIFFUSION_DTYPES),
                         help="weights and activations; auto: float16 on CUDA, float32 elsewhere")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (faster after a warm-up; images then differ from uncompiled "
@@ -60,6 +48,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--strength {args.strength} with --num_inference_steps {args.num_inference_steps} "
                          "leaves no denoising step; raise either")
     return args
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from d4m.data import NUM_CLASSES, default_prompt_file, describe_prompts, load_prompts, write_class_list
+from d4m.device import announce, memory_format, pick_device, set_deterministic
+from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
+from d4m.prototypes import PrototypeFile
+from d4m.outputs import atomic_path, check_writable, claim_folder_run, exclusive_run, file_digest, text_digest
+from d4m.runtime import barrier, init_distributed, progress_off, seeded_generator
 
 
 def label_prompts(args: argparse.Namespace, protos: PrototypeFile) -> list[str]:
@@ -122,7 +125,7 @@ class ClassPrototypes:
 
 def save_image(image: Image.Image, path: Path, size: int, resize_filter: str) -> None:
     with atomic_path(path) as tmp:
-        image.resize((size, size), RESIZE_FILTERS[resize_filter]).save(tmp, format="PNG")
+        image.resize((size, size), Image.Resampling[resize_filter.upper()]).save(tmp, format="PNG")
 
 
 def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: list[str], jobs: list[Job],
@@ -162,7 +165,8 @@ def my_share(todo: list[Job], rank: int, world: int) -> list[Job]:
 
 
 def load_synthesis_pipeline(args: argparse.Namespace, device: torch.device, rank: int):
-    from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline  # after --help
+    # diffusers loads here, once the inputs are checked
+    from scripts.pipeline_stable_diffusion_latents2img import StableDiffusionLatents2ImgPipeline
 
     pipe = load_pipeline(StableDiffusionLatents2ImgPipeline, args.diffusion_checkpoints_path, device,
                          safety_checker=args.safety_checker, dtype=args.dtype)

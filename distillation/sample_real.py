@@ -14,13 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset, write_class_list
-from d4m.prototypes import PrototypeFile
-from d4m.outputs import atomic_path, check_writable, claim_folder, exclusive, file_digest
-from d4m.runtime import ArgumentParser, UsageError, cli, positive_int, progress_off, seed_int
+from d4m.cli import ArgumentParser, DATASETS, UsageError, cli, positive_int, seed_int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +33,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.select == "nearest" and not args.prototype_path:
         raise UsageError("--select nearest needs --prototype_path (the file of distillation/gen_prototype.py)")
     return args
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+import numpy as np
+from tqdm import tqdm
+
+from d4m.data import class_count, resolve_prompts, train_dataset, write_class_list
+from d4m.prototypes import PrototypeFile
+from d4m.outputs import atomic_path, check_writable, claim_folder, exclusive, file_digest
+from d4m.runtime import progress_off
 
 
 def pick_per_class(targets: list[int], num_classes: int, ipc: int, seed: int) -> list[list[int]]:

@@ -22,24 +22,11 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from d4m.cli import (ArgumentParser, DATASETS, UsageError, cli, non_negative_float, non_negative_int, positive_float,
+                     positive_int, seed_int)
 
-from d4m.data import DATASETS, class_count, resolve_prompts, train_dataset
-from d4m.device import announce, pick_device
-from d4m.diffusion import no_library_bars
-from d4m.outputs import atomic_path, check_writable, check_writable_file
-from d4m.runtime import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
-                         positive_int, progress_off, seed_int)
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
-
-# diffusers, transformers and torchvision are imported where they are used, so that --help answers at once.
 # D4M's default negative prompt; trained as an unconditional prompt too, so that it means "no class".
 DEFAULT_NEGATIVE = "cartoon, anime, painting"
 
@@ -88,6 +75,25 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--text_dim must be a multiple of 4 and --unet_channels multiples of 8")
 
 
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from torchvision.transforms import functional as TF
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from d4m.data import class_count, resolve_prompts, train_dataset
+from d4m.device import announce, pick_device
+from d4m.diffusion import no_library_bars
+from d4m.outputs import atomic_path, check_writable, check_writable_file
+from d4m.runtime import progress_off
+from d4m.tiny_sd import SD15_SCHEDULER, build_tiny_sd
+
+
 def check_outputs(args: argparse.Namespace) -> None:
     """Before the work: the outputs can be written, and an existing model is replaced only with --overwrite (and
     only a model folder: the output folder is removed when the new model takes its place)."""
@@ -105,8 +111,6 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def load_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The training images as a uint8 tensor [N, 3, S, S] in memory, their labels, the class prompts."""
-    from torchvision.transforms import functional as TF
-
     data = train_dataset(args.dataset, args.data_dir)
     num_classes = class_count(args.dataset, data)
     prompts = resolve_prompts(args.dataset, args.label_file_path, getattr(data, "classes", [str(i) for i in range(num_classes)]))
@@ -176,7 +180,7 @@ def encode_all(vae, images: torch.Tensor, device: torch.device, batch: int = 500
 
 
 @torch.no_grad()
-def prompt_states(pipe: "StableDiffusionPipeline", prompts: list[str], device: torch.device) -> torch.Tensor:
+def prompt_states(pipe: StableDiffusionPipeline, prompts: list[str], device: torch.device) -> torch.Tensor:
     """The frozen text encoder's last hidden states for each prompt, padded to the tokenizer's length."""
     tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
@@ -200,10 +204,6 @@ def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float)
 def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, states: torch.Tensor,
                num_classes: int, args, device: torch.device, gen: torch.Generator) -> torch.nn.Module:
     """Epsilon-prediction training; returns the UNet to save (the EMA copy when --ema > 0)."""
-    from diffusers import DDPMScheduler
-
-    from d4m.tiny_sd import SD15_SCHEDULER
-
     unet, means, stds = pipe.unet, *latents
     scale = pipe.vae.config.scaling_factor
     noise_sched = DDPMScheduler(**{k: SD15_SCHEDULER[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")})
@@ -231,7 +231,7 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.T
     return ema.eval()
 
 
-def save_pipeline(pipe: "StableDiffusionPipeline", output: Path, fp16: bool) -> None:
+def save_pipeline(pipe: StableDiffusionPipeline, output: Path, fp16: bool) -> None:
     """save_pretrained into a temporary sibling folder, then move it onto `output`."""
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -249,9 +249,6 @@ def save_pipeline(pipe: "StableDiffusionPipeline", output: Path, fp16: bool) -> 
 @torch.no_grad()
 def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_class: int = 8) -> None:
     """Text-to-image samples of the saved model (guidance 4, 50 steps), one row per class."""
-    from diffusers import StableDiffusionPipeline
-    from torchvision.utils import save_image
-
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -270,7 +267,6 @@ def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_cl
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_outputs(args)
-    from d4m.tiny_sd import build_tiny_sd  # after --help
     device = pick_device(args.device)
     announce("tiny LDM training", device, "float32", 1)
     torch.manual_seed(args.seed)

@@ -10,19 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-from tqdm import tqdm
-
-from d4m import fkd, labelcheck, store, views
-from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
-from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
-                        pick_device, precision_name, set_deterministic)
-from d4m.models import load_pretrained, load_teacher_file
-from d4m.outputs import atomic_path, check_writable, exclusive_run, remove_stale_temporaries
-from d4m.runtime import (ArgumentParser, UsageError, barrier, cli, from_rank0, init_distributed, non_negative_int,
-                         positive_float, positive_int, progress_off, seed_int, together)
+from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, UsageError, add_device_args, cli,
+                     non_negative_int, positive_float, positive_int, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--use-fp16", action="store_true", help="store logits in fp16 (and run the teacher in fp16 on CUDA)")
     p.add_argument("--mode", default="fkd_save", choices=["fkd_save"])
     p.add_argument("--fkd-seed", type=seed_int, default=42)
-    p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES))
+    p.add_argument("--mix-type", default=None, choices=MIX_TYPES)
     p.add_argument("--no-flip", action="store_true",
                    help="no horizontal flips (for sets where a mirror image is another class: digits, text)")
     p.add_argument("--mixup", type=positive_float, default=0.8)
@@ -49,14 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--soft-label-topk", type=positive_int, default=None, help="store only the K largest logits per view")
     p.add_argument("--soft-label-int8", action="store_true",
                    help="store every logit in 8 bits between its row's minimum and maximum (half of fp16)")
-    p.add_argument("--loader", default="tensor", choices=list(views.LOADERS),
+    p.add_argument("--loader", default="tensor", choices=LOADERS,
                    help="tensor: decode once into host memory, crop and resize on the device; pil: the original's "
                         "per-image PIL path")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="the teacher's autocast on CUDA; auto: fp16 with --use-fp16 (as the original), else bf16. "
                         "The CPU always runs float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
-    p.add_argument("--dataset", default=None, choices=list(DATASETS),
+    p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="with --data-dir: the real validation split the label check also scores the teacher on")
     p.add_argument("--data-dir", "--data_dir", default=None, help="the dataset's folder (label check)")
     p.add_argument("--val-dir", "--val_dir", default=None, help="or a real validation ImageFolder (label check)")
@@ -77,7 +66,23 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--soft-label-topk and --soft-label-int8 are two ways to shrink the store; choose one")
     if args.data_dir and not args.dataset:
         raise UsageError("--data-dir needs --dataset (which of the dataset layouts it holds)")
-    check_writable(args.fkd_path, "--fkd-path")
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from d4m import fkd, labelcheck, store, views
+from d4m.data import ImageFolderDataset, read_class_list, val_dataset
+from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
+                        set_deterministic)
+from d4m.models import load_pretrained, load_teacher_file
+from d4m.outputs import atomic_path, check_writable, exclusive_run, remove_stale_temporaries
+from d4m.runtime import barrier, from_rank0, init_distributed, progress_off, together
 
 
 def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.device,
@@ -172,6 +177,7 @@ def gather_logits(parts: dict[int, torch.Tensor], rank: int, world: int) -> torc
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_writable(args.fkd_path, "--fkd-path")
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)

@@ -15,23 +15,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from d4m.data import IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, ImageFolderDataset, class_count, train_dataset, val_dataset
-from d4m.device import announce, pick_device
-from d4m.models import architectures, build_model, check_input_size, save_teacher
-from d4m.views import image_sizes
-from d4m.outputs import check_writable_file, exclusive
-from d4m.runtime import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
-                         positive_int, progress_off, seed_int)
+from d4m.cli import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
+                     positive_int, seed_int)
 
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
-# Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.
-SMALL_INPUT = 64
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -53,11 +40,37 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("-j", "--workers", type=non_negative_int, default=2)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from d4m.data import (IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, ImageFolderDataset, class_count, train_dataset,
+                      val_dataset)
+from d4m.device import announce, pick_device
+from d4m.models import architectures, build_model, check_input_size, save_teacher
+from d4m.views import image_sizes
+from d4m.outputs import check_writable_file, exclusive
+from d4m.runtime import progress_off
+
+
+# Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.
+SMALL_INPUT = 64
+
+
+def complete_args(args: argparse.Namespace) -> None:
+    """The check and the default that need torchvision or the images."""
     if args.arch not in architectures():
         raise UsageError(f"unknown architecture {args.arch!r}; use a torchvision classification model name, convnet or resnet18_modified")
     args.input_size = args.input_size or NATIVE_SIZE.get(args.dataset) or folder_side(args.data_dir)
-    return args
 
 
 def folder_side(data_dir: str) -> int:
@@ -70,8 +83,6 @@ def folder_side(data_dir: str) -> int:
 
 def transforms_for(input_size: int, flip: bool = True):
     """(training augmentation, evaluation transform), both normalised with ImageNet mean/std."""
-    import torchvision.transforms as T  # imported on use: --help answers without torchvision
-
     finish = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     flips = [T.RandomHorizontalFlip()] if flip else []
     if input_size <= SMALL_INPUT:
@@ -165,6 +176,7 @@ def train(args: argparse.Namespace, model: nn.Module, train_loader: DataLoader, 
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    complete_args(args)
     device = pick_device(args.device)
     announce("teacher training", device, "float32", 1, 0, f"{args.arch} at {args.input_size} px")
     output = Path(args.output)

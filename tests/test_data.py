@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from d4m.cli import UsageError
 from d4m.data import train_dataset, val_dataset
-from d4m.runtime import UsageError
 from dataset_files import class_images, real_names, write_cifar10, write_cifar100, write_tiny_imagenet
 
 

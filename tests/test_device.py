@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from d4m import device as device_module
-from d4m import runtime
+from d4m import cli, runtime
+from d4m.cli import UsageError
 from d4m.device import amp_dtype, pick_device
-from d4m.runtime import UsageError
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +56,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setattr(runtime.dist, "get_world_size", lambda: 2)
     assert runtime.init_distributed(torch.device("cpu"), 240) == (1, 2)
     assert seen == {"b": "gloo", "t": datetime.timedelta(minutes=240)}
-    assert device_module.DIST_TIMEOUT_MINUTES >= 60
+    assert cli.DIST_TIMEOUT_MINUTES >= 60
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import make_image_folder
 from d4m import fkd, store, views
+from d4m.cli import LOADERS
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 
 
@@ -77,7 +78,7 @@ def views_of(loader: str, data, plan, jobs, workers=0):
                                              IMAGENET_MEAN, IMAGENET_STD, "cutmix")]
 
 
-@pytest.mark.parametrize("loader", views.LOADERS)
+@pytest.mark.parametrize("loader", LOADERS)
 def test_worker_count_gives_same_batches(tmp_path, loader):
     data = ImageFolderDataset(make_image_folder(tmp_path, 3, 4, 32) / "train")
     plan = plan_for()
@@ -174,7 +175,7 @@ def test_both_paths_equal_torchvision_resized_crop_of_the_same_box(tmp_path):
     specs = [fkd.job_spec(plan, fkd.make_job(plan, b)) for b in range(plan.num_batches)]
     got = {loader: torch.cat(list(views.iterate_views(views.build_source(loader, paths, sizes, 32, 0), specs, 0,
                                                       torch.device("cpu"))))
-           for loader in views.LOADERS}
+           for loader in LOADERS}
     rows = 0
     for index, crops, flips in specs:
         boxes = views.pixel_boxes(crops, torch.from_numpy(sizes[index.numpy()]))

@@ -10,8 +10,8 @@ import torch
 
 from conftest import REPO, run_script
 from d4m import labelcheck
+from d4m.cli import UsageError
 from d4m.data import FashionMNIST, write_class_list
-from d4m.runtime import UsageError
 from fkd_helpers import MATCH, tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")

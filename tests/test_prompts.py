@@ -1,8 +1,8 @@
 """The shipped label prompts: one line per class, in the dataset's class-index order."""
 import pytest
 
+from d4m.cli import UsageError
 from d4m.data import NUM_CLASSES, PROMPT_DIR, load_prompts
-from d4m.runtime import UsageError
 
 
 @pytest.mark.parametrize("dataset", ["imagenet", "tiny_imagenet", "cifar10", "cifar100", "fashion_mnist"])

@@ -9,9 +9,10 @@ from sklearn.cluster import MiniBatchKMeans
 from torchvision.transforms.functional import to_tensor
 
 from conftest import run_script, run_torchrun
+from d4m.cli import UsageError
 from d4m.diffusion import load_pipeline
 from d4m.prototypes import PrototypeFile
-from d4m.runtime import UsageError, seeded_generator
+from d4m.runtime import seeded_generator
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")

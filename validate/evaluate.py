@@ -26,19 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from d4m.data import DATASETS, ImageFolderDataset
-from d4m.models import load_teacher_file
-from d4m.outputs import atomic_path, check_writable, exclusive
-from d4m.runtime import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
-                         positive_int)
+from d4m.cli import (ArgumentParser, DATASETS, UsageError, cli, non_negative_float, non_negative_int, positive_float,
+                     positive_int)
 
-REPO = Path(__file__).resolve().parent.parent
-MATCH = REPO / "matching" / "generate_soft_label.py"
-TRAIN = REPO / "validate" / "train_FKD.py"
 PROTOCOLS = ("fkd", "online", "hard")
-# RDED's learning rates for AdamW, per student (its other students take 1e-3)
-RDED_LR = {"mobilenet_v2": 0.0025, "efficientnet_b0": 0.002, "vgg11": 0.0005, "alexnet": 0.0001,
-           "vit_b_16": 0.0001, "swin_v2_t": 0.0001}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
                    help="an image set (ImageFolder) to evaluate, e.g. d4m=..., random=..., nearest=...; several "
                         "folders (one per seed: random draws with other sampling seeds) train one student each")
-    p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
+    p.add_argument("--dataset", default="imagefolder", choices=DATASETS)
     p.add_argument("--data-dir", "--data_dir", default=None, help="the dataset's folder (its validation split)")
     p.add_argument("--val-dir", "--val_dir", default=None, help="a real validation ImageFolder (with --dataset imagefolder)")
     p.add_argument("--teacher-path", default=None, help="teacher file of matching/train_teacher.py")
@@ -98,6 +89,22 @@ def parse_set(text: str) -> tuple[str, list[Path]]:
         if not Path(folder).is_dir():
             raise UsageError(f"--set {name}: {folder} is not a folder")
     return name, [Path(folder) for folder in folders.split(",")]
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+from d4m.data import ImageFolderDataset
+from d4m.models import load_teacher_file
+from d4m.outputs import atomic_path, check_writable, exclusive
+
+REPO = Path(__file__).resolve().parent.parent
+MATCH = REPO / "matching" / "generate_soft_label.py"
+TRAIN = REPO / "validate" / "train_FKD.py"
+
+# RDED's learning rates for AdamW, per student (its other students take 1e-3)
+RDED_LR = {"mobilenet_v2": 0.0025, "efficientnet_b0": 0.002, "vgg11": 0.0005, "alexnet": 0.0001,
+           "vit_b_16": 0.0001, "swin_v2_t": 0.0001}
 
 
 def run(script: Path, argv: list, log: Path, nproc: int) -> None:

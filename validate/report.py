@@ -14,24 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
-
-from d4m import labelcheck
-from d4m.data import DATASETS, ImageFolderDataset, load_rgb, val_dataset
-from d4m.models import load_teacher_file
-from d4m.prototypes import PrototypeFile
-from d4m.outputs import atomic_path, check_writable_file
-from d4m.runtime import ArgumentParser, UsageError, cli, non_negative_float
-
-CELL = 64  # pixels per image in the picture of the set
-GAP = 12
-LABELS = {"d4m": "D4M images", "random": "random real", "nearest": "real nearest to the prototypes"}
-COLOURS = {"d4m": "tab:blue", "random": "tab:orange", "nearest": "tab:green"}
-MARKERS = {"fkd": "o", "online": "s", "hard": "^"}
-PROTOCOL_LABELS = {"fkd": "stored soft labels", "online": "online soft labels", "hard": "hard labels"}
+from d4m.cli import ArgumentParser, DATASETS, UsageError, cli, non_negative_float
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +33,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--diffusion_checkpoints_path", default=None, help="model whose VAE decodes the prototypes")
     p.add_argument("--seconds", type=non_negative_float, default=None, help="wall time of the chain, recorded in the JSON")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+from d4m import labelcheck
+from d4m.data import ImageFolderDataset, load_rgb, val_dataset
+from d4m.models import load_teacher_file
+from d4m.prototypes import PrototypeFile
+from d4m.outputs import atomic_path, check_writable_file
+
+CELL = 64  # pixels per image in the picture of the set
+GAP = 12
+LABELS = {"d4m": "D4M images", "random": "random real", "nearest": "real nearest to the prototypes"}
+COLOURS = {"d4m": "tab:blue", "random": "tab:orange", "nearest": "tab:green"}
+MARKERS = {"fkd": "o", "online": "s", "hard": "^"}
+PROTOCOL_LABELS = {"fkd": "stored soft labels", "online": "online soft labels", "hard": "hard labels"}
 
 
 def read_evals(folders: list[str]) -> tuple[list[dict], list[dict]]:

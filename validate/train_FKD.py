@@ -26,37 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
-
-from d4m import fkd, labelcheck, store, views
-from d4m.data import DATASETS, ImageFolderDataset, read_class_list, val_dataset
-from d4m.device import (AMP_CHOICES, add_device_args, amp_dtype, announce, autocast, maybe_compile, memory_format,
-                        pick_device, precision_name, set_deterministic)
-from d4m.data import IMAGENET_MEAN, IMAGENET_STD
-from d4m.models import build_model, check_input_size, load_pretrained, load_teacher_file
-from d4m.outputs import atomic_path, check_writable, differing_keys, exclusive_run
-from d4m.runtime import (ArgumentParser, UsageError, cli, first_line, from_rank0, init_distributed, non_negative_float,
-                         non_negative_int, positive_float, positive_int, progress_off, seed_int, together)
+from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, UsageError, add_device_args, cli,
+                     first_line, non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
 
 PROTOCOLS = ("fkd", "online", "hard")
 SCHEDULES = ("linear", "cosine", "half-cosine")
-CHECKPOINT = "checkpoint.pth.tar"
-RUN_FILES = (CHECKPOINT, "model_best.pth.tar", "metrics.jsonl", "results.json")
 # How a run is carried out rather than what it trains, so these may differ on --resume: another batch split,
 # precision or kernel changes the last bits of the weights, --eval-interval which epochs are validated, --seeds how
 # many students there are.
 MAY_CHANGE = frozenset({"workers", "device", "deterministic", "dist_timeout", "amp", "compile", "loader", "sync_bn",
                         "gradient_accumulation_steps", "eval_interval", "seeds", "wandb", "wandb_project",
                         "wandb_api_key"})
-# Not settings of a student: where it is written, how this invocation starts, and --cos (kept as --lr-schedule).
-NOT_SETTINGS = frozenset({"output_dir", "resume", "overwrite", "start_epoch", "cos"})
-PATH_SETTINGS = ("train_dir", "val_dir", "data_dir", "fkd_path", "teacher_path")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("--train-dir", "--train_dir", required=True, help="the synthetic ImageFolder used for matching")
     p.add_argument("--val-dir", "--val_dir", default=None, help="real validation ImageFolder (with --dataset imagefolder)")
-    p.add_argument("--dataset", default="imagefolder", choices=list(DATASETS))
+    p.add_argument("--dataset", default="imagefolder", choices=DATASETS)
     p.add_argument("--data-dir", "--data_dir", default=None, help="the dataset's folder for its validation split")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--cos", action="store_true", help="cosine schedule (= --lr-schedule cosine)")
@@ -102,7 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wandb", action="store_true", help="log to Weights & Biases")
     p.add_argument("--wandb-project", default="d4m")
     p.add_argument("--wandb-api-key", default=None)
-    p.add_argument("--mix-type", default=None, choices=list(fkd.MIX_TYPES),
+    p.add_argument("--mix-type", default=None, choices=MIX_TYPES,
                    help="default: the store's (fkd), else cutmix")
     p.add_argument("--fkd_seed", type=seed_int, default=None, help="default: the store's (fkd), else 42")
     p.add_argument("--input-size", type=positive_int, default=224)
@@ -114,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="start afresh in an OUTPUT_DIR that holds a run, discarding its checkpoint, best model, "
                         "metrics and results")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the student's initialisation")
-    p.add_argument("--loader", default="tensor", choices=list(views.LOADERS),
+    p.add_argument("--loader", default="tensor", choices=LOADERS,
                    help="tensor: decode once into host memory, crop and resize on the device; pil: the original's "
                         "per-image PIL path")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
@@ -137,6 +117,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "--resume alone (each student continues from its own folder)")
     args.lr_schedule = args.lr_schedule or ("cosine" if args.cos else "linear")
     return args
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a setting, for messages."""
+    return {"fkd_seed": "--fkd_seed", "workers": "-j", "num_classes": "the class count"}.get(
+        key, "--" + key.replace("_", "-"))
+
+
+if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
+    cli(parse_args)(None)
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from d4m import fkd, labelcheck, store, views
+from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, read_class_list, val_dataset
+from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
+                        set_deterministic)
+from d4m.models import build_model, check_input_size, load_pretrained, load_teacher_file
+from d4m.outputs import atomic_path, check_writable, differing_keys, exclusive_run
+from d4m.runtime import from_rank0, init_distributed, progress_off, together
+
+CHECKPOINT = "checkpoint.pth.tar"
+RUN_FILES = (CHECKPOINT, "model_best.pth.tar", "metrics.jsonl", "results.json")
+
+# Not settings of a student: where it is written, how this invocation starts, and --cos (kept as --lr-schedule).
+NOT_SETTINGS = frozenset({"output_dir", "resume", "overwrite", "start_epoch", "cos"})
+PATH_SETTINGS = ("train_dir", "val_dir", "data_dir", "fkd_path", "teacher_path")
 
 
 def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset, images: str) -> None:
@@ -394,12 +407,6 @@ def atomic_save(obj, path: Path) -> None:
 def write_metrics(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def flag(key: str) -> str:
-    """The command-line flag of a setting, for messages."""
-    return {"fkd_seed": "--fkd_seed", "workers": "-j", "num_classes": "the class count"}.get(
-        key, "--" + key.replace("_", "-"))
 
 
 def run_settings(args: argparse.Namespace, meta: dict, seed: int, plan_seed: int) -> dict:
