@@ -17,6 +17,7 @@ PROTOTYPE_FORMATS = ("safetensors", "json")
 DIFFUSION_DTYPES = ("float16", "bfloat16", "float32")  # the diffusion weights' dtypes
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # a classifier's autocast
 MIX_TYPES = ("mixup", "cutmix", "None")
+PROTOCOLS = ("fkd", "online", "hard")  # where a student's soft labels come from (validate/)
 LOADERS = ("tensor", "pil")  # where FKD's views are cropped and resized (d4m.views)
 DIST_TIMEOUT_MINUTES = 180
 
@@ -79,6 +80,12 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
                              "(slower); CPU runs are deterministic without it")
     parser.add_argument("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
                         help="under torchrun, how long a process may wait for the others before the run is aborted")
+
+
+def check_crop_scales(args: argparse.Namespace) -> None:
+    """The RandomResizedCrop scale range of FKD's views, the same rule in matching and training."""
+    if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1:
+        raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1")
 
 
 def first_line(err: BaseException) -> str:

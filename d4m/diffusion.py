@@ -19,7 +19,6 @@ from d4m.device import DTYPES, compile_unavailable
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-
 def pipeline_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     """`name` from DTYPES, or auto: fp16 on CUDA (as the original runs SD), fp32 elsewhere."""
     if name != "auto":

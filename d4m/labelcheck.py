@@ -18,7 +18,6 @@ from d4m.cli import UsageError
 from d4m.device import autocast, memory_format
 
 
-
 def floor(classes: int) -> float:
     """The agreement (%) under which the class orders are taken to differ: three times chance, or halfway from
     chance to 100 % where three times chance would be more than that (few classes)."""

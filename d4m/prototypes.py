@@ -27,7 +27,6 @@ from safetensors.torch import safe_open
 from d4m.cli import UsageError
 
 
-
 def prototype_filename(dataset: str, ipc: int, km_expand: int, fmt: str) -> str:
     return f"{dataset}-ipc{ipc}-kmexpand{km_expand}.{fmt}"
 

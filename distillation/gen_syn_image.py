@@ -213,5 +213,6 @@ def main(argv: list[str] | None = None) -> None:
             write_class_list(root, names, prompts)
             print(f"{len(prompts)} classes x {args.ipc} images in {root}")
 
+
 if __name__ == "__main__":
     main()

@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, UsageError, add_device_args, cli,
-                     non_negative_int, positive_float, positive_int, seed_int)
+from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, UsageError, add_device_args,
+                     check_crop_scales, cli, non_negative_int, positive_float, positive_int, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,8 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1:
-        raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1")
+    check_crop_scales(args)
     if args.soft_label_topk and args.soft_label_int8:
         raise UsageError("--soft-label-topk and --soft-label-int8 are two ways to shrink the store; choose one")
     if args.data_dir and not args.dataset:
@@ -238,6 +237,7 @@ def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, met
         barrier()
     if rank == 0:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
+
 
 if __name__ == "__main__":
     main()

@@ -57,6 +57,15 @@ def test_a_bad_flag_is_refused_before_torch_loads(script):
     assert done.stdout.strip().splitlines()[-2:] == ["status: 2", "imported: nothing else"], done.stdout[-500:]
 
 
+@pytest.mark.parametrize("script, required", [
+    ("matching/generate_soft_label.py", ["--data", "syn", "--fkd-path", "store"]),
+    ("validate/train_FKD.py", ["--train-dir", "syn", "--fkd-path", "store", "--output-dir", "out"])])
+def test_matching_and_training_refuse_the_same_crop_scales(script, required):
+    done = probe(script, *required, "--min-scale-crops", "0.5", "--max-scale-crops", "0.2")
+    assert done.stderr.strip() == "error: crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1"
+    assert done.stdout.strip().splitlines()[-2:] == ["status: 2", "imported: nothing else"], done.stdout[-500:]
+
+
 def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
     data, teacher = tiny_setup(tmp_path)
     with open(tmp_path / "log", "w") as log:

@@ -26,10 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from d4m.cli import (ArgumentParser, DATASETS, UsageError, cli, non_negative_float, non_negative_int, positive_float,
-                     positive_int)
-
-PROTOCOLS = ("fkd", "online", "hard")
+from d4m.cli import (ArgumentParser, DATASETS, MIX_TYPES, PROTOCOLS, UsageError, cli, non_negative_float,
+                     non_negative_int, positive_float, positive_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-T", "--temperature", type=positive_float, default=20.0)
     p.add_argument("--adamw-lr", type=positive_float, default=0.001)
     p.add_argument("--adamw-weight-decay", type=non_negative_float, default=0.01)
-    p.add_argument("--mix-type", default="cutmix", choices=("cutmix", "mixup", "None"))
+    p.add_argument("--mix-type", default="cutmix", choices=MIX_TYPES)
     p.add_argument("--use-fp16", action="store_true", help="fp16 soft labels in the stores (matching)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips, in every protocol")
     p.add_argument("--online-recipe", default="rded", choices=("rded", "same"),

@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, UsageError, add_device_args, cli,
-                     first_line, non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
+from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, PROTOCOLS, UsageError, add_device_args,
+                     check_crop_scales, cli, first_line, non_negative_float, non_negative_int, positive_float,
+                     positive_int, seed_int)
 
-PROTOCOLS = ("fkd", "online", "hard")
 SCHEDULES = ("linear", "cosine", "half-cosine")
 # How a run is carried out rather than what it trains, so these may differ on --resume: another batch split,
 # precision or kernel changes the last bits of the weights, --eval-interval which epochs are validated, --seeds how
@@ -108,8 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--protocol fkd needs --fkd-path (the store of matching/generate_soft_label.py)")
     if args.protocol == "online" and not (args.teacher_path or args.teacher_arch):
         raise UsageError("--protocol online needs --teacher-path or --teacher-arch")
-    if not 0 < args.min_scale_crops <= args.max_scale_crops <= 1:
-        raise UsageError("crop scales need 0 < --min-scale-crops <= --max-scale-crops <= 1")
+    check_crop_scales(args)
     if args.resume is not None and args.overwrite:
         raise UsageError("--resume continues the run in the output folder and --overwrite discards it; choose one")
     if args.resume and args.seeds > 1:
