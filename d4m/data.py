@@ -9,13 +9,13 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from d4m.cli import DATASETS, UsageError
+from d4m.cli import DATASETS, UsageError, first_line
 from d4m.outputs import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,10 +99,27 @@ def write_class_list(folder: str | Path, names: list[str], prompts: list[str]) -
 
 
 def read_class_list(folder: str | Path) -> Optional[list[dict]]:
+    """The rows of a set's classes.json (None when it has none); a damaged one is one line naming it."""
     path = Path(folder) / CLASS_LIST
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))["classes"]
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["classes"]
+        if not all(isinstance(row, dict) and isinstance(row.get("folder"), str) and "name" in row for row in rows):
+            raise ValueError("a row without its folder and name")
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, not UTF-8, or not a class list
+        raise UsageError(f"{path} is damaged ({first_line(err)}); regenerate the set, or remove {CLASS_LIST}") from None
+    return rows
+
+
+def check_same_classes(expected: Sequence, found: Sequence, what: str, fix: str) -> None:
+    """Two class lists that must be equal; one line naming the first class where they differ."""
+    expected, found = [str(c) for c in expected], [str(c) for c in found]
+    if expected != found:
+        first = next((i for i, (a, b) in enumerate(zip(expected, found)) if a != b), min(len(expected), len(found)))
+        there = expected[first] if first < len(expected) else "none"
+        here = found[first] if first < len(found) else "none"
+        raise UsageError(f"{what} (class {first}: {there!r} there, {here!r} here); {fix}")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -304,8 +321,11 @@ def train_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = N
     raise UsageError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def val_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = None) -> Dataset:
-    """The real validation/test split used to report accuracy."""
+def val_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = None, val_dir: str | None = None) -> Dataset:
+    """The real validation/test split used to report accuracy: the ImageFolder `val_dir` when given, else the
+    dataset's own."""
+    if val_dir:
+        return ImageFolderDataset(val_dir, transform)
     if not data_dir or not Path(data_dir).is_dir():
         raise UsageError(f"data folder {data_dir!r} does not exist; pass the dataset's folder")
     if dataset in ("cifar10", "cifar100"):

@@ -63,8 +63,9 @@ def announce(stage: str, device: torch.device, precision: str, world: int, rank:
 
 
 def amp_dtype(choice: str, device: torch.device, prefer_fp16: bool = False) -> torch.dtype | None:
-    """The autocast dtype of a classifier: auto is bf16 on CUDA (fp16 when `prefer_fp16`, the original's
-    --use-fp16) and none on the CPU, where the exact float32 path is kept."""
+    """The autocast dtype of a classifier: auto is bf16 on CUDA (fp16 when `prefer_fp16`: matching with --use-fp16,
+    whose logits are stored in fp16 anyway; the original's teacher ran float32) and none on the CPU, where the exact
+    float32 path is kept."""
     if choice == "auto":
         if device.type != "cuda":
             return None

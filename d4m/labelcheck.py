@@ -15,7 +15,9 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from d4m.cli import UsageError
+from d4m.data import ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import autocast, memory_format
+from d4m.runtime import Setup
 
 
 def floor(classes: int) -> float:
@@ -89,3 +91,27 @@ def report(synthetic: torch.Tensor, real: Optional[torch.Tensor], class_names: l
     weakest = synthetic.nan_to_num(101).argsort()[:3].tolist()
     low = ", ".join(f"{class_names[c]} {float(synthetic[c]):.0f}%" for c in weakest)
     return f"label check: {', '.join(parts)} (chance {100 / classes:.1f}%); weakest synthetic classes: {low}"
+
+
+def run(setup: Setup, teacher: nn.Module, record: dict, data: ImageFolderDataset) -> dict:
+    """Score the teacher on the synthetic images (and the real validation split when given) per class, compare its
+    class names with classes.json, print one line, and stop when the class orders look different."""
+    args, classes = setup.args, len(data.classes)
+    class_list = read_class_list(args.data)
+    if class_list is not None and [row["folder"] for row in class_list] != data.classes:
+        raise UsageError(f"{args.data}/classes.json lists other class folders than {args.data} holds; regenerate "
+                         "the set or remove classes.json")
+    transform = eval_transform(args.input_size, record["mean"], record["std"])
+    scores = [per_class_top1(teacher, ImageFolderDataset(args.data, transform), classes, setup.device,
+                                        setup.amp, args.workers)]
+    if args.val_dir or args.data_dir:
+        val = val_dataset(args.dataset or "imagefolder", args.data_dir, transform, val_dir=args.val_dir)
+        if len(val.classes) != classes:
+            raise UsageError(f"the validation split has {len(val.classes)} classes but {args.data} has {classes}")
+        scores.append(per_class_top1(teacher, val, classes, setup.device, setup.amp, args.workers))
+    synthetic, real = scores[0], scores[1] if len(scores) > 1 else None
+    check(synthetic, real, name_mismatch(record.get("classes"), class_list), classes)
+    names = [str(row["name"]) for row in class_list] if class_list else data.classes
+    print(report(synthetic, real, names, classes), flush=True)
+    return {"class_names": names, "synthetic_top1": synthetic.tolist(),
+            "real_top1": None if real is None else real.tolist(), "teacher": record["arch"]}

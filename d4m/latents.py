@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from d4m.cli import UsageError
 from d4m.device import memory_format
-from d4m.runtime import seeded_generator
+from d4m.runtime import Progress, seeded_generator
 
 if TYPE_CHECKING:
     from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
@@ -68,7 +67,7 @@ def class_batches(members: list[list[int]], classes: list[int], seed: int, batch
 
 
 def encoded_classes(encode: Callable[[torch.Tensor, list], torch.Tensor], loader: DataLoader, labels: dict[int, int],
-                    seed: int, device: torch.device, bar: tqdm) -> Iterator[tuple[int, torch.Tensor]]:
+                    seed: int, device: torch.device, bar: Progress) -> Iterator[tuple[int, torch.Tensor]]:
     """(class, all its latents [n, 4, h, w] on the CPU in encoding order), each as soon as the class's last batch
     is encoded (the loader's batches come class after class); the device is waited for once per class."""
     pending: list[torch.Tensor] = []

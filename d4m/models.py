@@ -9,6 +9,7 @@ import torchvision
 
 from d4m.cli import UsageError, first_line
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
+from d4m.device import memory_format
 from d4m.outputs import atomic_path
 
 EXTRA_ARCHS = ("convnet", "resnet18_modified")
@@ -110,3 +111,22 @@ def load_pretrained(arch: str) -> tuple[nn.Module, dict]:
     record = {"arch": arch, "num_classes": 1000, "input_size": 224, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
               "classes": list(weights.meta["categories"])}
     return model.eval(), record
+
+
+def load_teacher(path: str | None, arch: str, data_classes: int, input_size: int, device: torch.device,
+                 data: str) -> tuple[nn.Module, dict]:
+    """The frozen teacher on `device`: a teacher file (`path`), else torchvision's pretrained `arch`, with its record
+    (`source` added). Refused in one line when it knows fewer classes than `data` holds, or cannot take `input_size`
+    px views."""
+    teacher, record = load_teacher_file(path) if path else load_pretrained(arch)
+    record["source"] = str(path) if path else "torchvision-default-weights"
+    if record["num_classes"] < data_classes:
+        raise UsageError(f"the teacher has {record['num_classes']} classes but {data}; use a teacher trained on this "
+                         "dataset")
+    try:
+        with torch.no_grad():
+            teacher(torch.zeros(1, 3, input_size, input_size))
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"the teacher ({record['arch']}) cannot take {input_size} px inputs; use --input-size "
+                         f"{record['input_size']}") from err
+    return teacher.to(device, memory_format=memory_format(device)).requires_grad_(False), record

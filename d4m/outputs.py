@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
-import socket
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from d4m.cli import UsageError
 from d4m.runtime import together
@@ -42,35 +42,35 @@ def _check_creatable(folder: Path, path: str | os.PathLike, flag: str) -> None:
 
 @contextlib.contextmanager
 def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
-    """Hold the lock file `lock` while writing `what`: a second run that wants it is refused with one line; the
-    lock of a process that died is taken over (on this machine; another machine's must be removed by hand). A
-    folder made for the lock is removed again when the run leaves it empty."""
+    """Hold the lock file `lock` while writing `what`; a second run that wants it is refused with one line. The
+    kernel arbitrates (flock) and releases the lock of a process that dies. The file is removed on release (while
+    still held: a taker that opened it just before checks that it locked the file the name still points to), and so
+    is a folder made for it that the run leaves empty."""
     lock = Path(lock)
     created = not lock.parent.exists()
     lock.parent.mkdir(parents=True, exist_ok=True)
-    me = f"{os.getpid()} {socket.gethostname()}"
     while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            owner = lock.read_text().split() if lock.is_file() else []
-            if len(owner) == 2 and owner[1] != socket.gethostname():
-                raise UsageError(f"{what} is being written by process {owner[0]} on {owner[1]}; wait for it, or "
-                                 f"remove {lock} if that run has ended") from None
-            if len(owner) == 2 and _alive(int(owner[0])):
-                raise UsageError(f"{what} is being written by another run (process {owner[0]}); wait for it to "
-                                 "finish or choose another output") from None
-            lock.unlink(missing_ok=True)  # its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f"{what} is being written by another run (it holds {lock}); wait for it to finish or "
+                             "choose another output") from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed it as we opened it: take the file the name points to now
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
-        if created and not any(lock.parent.iterdir()):  # a run that stopped before writing leaves no folder
-            lock.parent.rmdir()
+        os.close(fd)
+        if created:  # a run that stopped before writing leaves no folder
+            with contextlib.suppress(OSError):
+                lock.parent.rmdir()
 
 
 def _alive(pid: int) -> bool:
@@ -185,6 +185,15 @@ def differing_keys(recorded: dict, now: dict) -> list[str]:
     return sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
 
 
+def check_settings(recorded: dict, now: dict, what: str, fix: str, name: Callable[[str], str] = str) -> None:
+    """The one rule for every output that records the settings it was made with (image folders, soft-label stores,
+    checkpoints): a run with other settings is refused in one line naming the first few that differ."""
+    differ = differing_keys(recorded, now)
+    if differ:
+        shown = "; ".join(f"{name(k)} {recorded.get(k)} there, {now.get(k)} here" for k in differ[:3])
+        raise UsageError(f"{what} was made with other settings ({shown}); {fix}")
+
+
 def _holds_outputs(folder: Path) -> bool:
     return any(p.is_file() and not p.name.startswith(".") and p.name != MANIFEST for p in folder.rglob("*"))
 
@@ -202,10 +211,8 @@ def claim_folder(folder: str | os.PathLike, settings: dict, flag: str, write: bo
         if recorded is None:
             raise UsageError(f"{folder} holds files but no readable {MANIFEST}, so the settings they were made with "
                              f"are unknown; remove the folder or choose another {flag}")
-        shown = "; ".join(f"{k}: {recorded.get(k)!r} there, {settings.get(k)!r} now"
-                          for k in differing_keys(recorded, settings)[:3])
-        raise UsageError(f"{folder} holds files made with other settings ({shown}); rerun with the settings it "
-                         f"records in {MANIFEST} to resume, or choose another {flag}")
+        check_settings(recorded, settings, f"{folder}", f"rerun with the settings it records in {MANIFEST} to "
+                       f"resume, or choose another {flag}")
     if write:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")

@@ -1,16 +1,31 @@
-"""Process-level helpers shared by every script: seeds, torchrun collectives, progress bars."""
+"""Process-level helpers shared by every script: seeds, torchrun collectives, progress."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import os
-from typing import Iterator
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from d4m.cli import UsageError
+
+
+@dataclass
+class Setup:
+    """Where a stage runs: its arguments, device, rank and process count, and its classifiers' autocast dtype."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    amp: torch.dtype | None = None
 
 
 def derive_seed(*keys: int) -> int:
@@ -73,7 +88,56 @@ def from_rank0(value, world: int):
     return box[0]
 
 
-def progress_off(rank: int = 0) -> bool | None:
-    """tqdm's `disable`: bars on rank 0 only, and only on a terminal (None lets tqdm turn them off otherwise),
-    so that a log written to a file holds lines, not bar redraws."""
-    return True if rank != 0 else None
+QUIET_SECONDS = 10
+
+
+class Progress:
+    """The progress of a long loop, on rank 0: a tqdm bar on a terminal; where stderr is not a terminal (a log
+    file, nohup), a line at every tenth of the way or after a minute without one, so that a log shows how far a
+    run is without bar redraws (none in the first QUIET_SECONDS: a short loop needs no account). Inner loops (`leave=False`) draw a bar on a terminal and write no lines to a log.
+    Iterate over it, or call `update` (as a context manager)."""
+
+    def __init__(self, iterable: Iterable | None = None, desc: str = "", rank: int = 0, total: int | None = None,
+                 initial: int = 0, leave: bool = True, unit: str = "it"):
+        self.iterable, self.desc, self.unit, self.done = iterable, desc, unit, initial
+        self.total = total if total is not None else len(iterable)
+        terminal = sys.stderr.isatty()
+        self.bar = tqdm(iterable, desc=desc, total=self.total, initial=initial, leave=leave, unit=unit,
+                        disable=rank != 0) if terminal else None
+        self.quiet, self.postfix = rank != 0 or not leave, ""
+        self.began = self.last = time.monotonic()
+        self.tenth = 10 * initial // max(self.total, 1)
+
+    def __iter__(self) -> Iterator:
+        if self.bar is not None:
+            yield from self.bar
+            return
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        self.done += n
+        now, tenth = time.monotonic(), 10 * self.done // max(self.total, 1)
+        if self.quiet or now - self.began < QUIET_SECONDS or (tenth == self.tenth and now - self.last < 60):
+            return
+        self.tenth, self.last = tenth, now
+        elapsed = (now - self.began) / 60
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f} %), "
+              f"{elapsed:.1f} min{self.postfix}", file=sys.stderr, flush=True)
+
+    def set_postfix(self, **values: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**values)
+        else:
+            self.postfix = "".join(f", {key} {value}" for key, value in values.items())
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from d4m.cli import UsageError
 from d4m.fkd import EpochPlan
-from d4m.outputs import atomic_path, create_once, differing_keys, file_digest
+from d4m.outputs import atomic_path, check_settings, create_once, file_digest
 
 META_NAME = "meta.json"
 FORMAT = 2  # meta.json's `format`: 2 = images fingerprinted by content, epoch files marked with the run's identity
@@ -108,12 +108,7 @@ def read_meta(store: str | Path) -> dict:
 
 
 def check_same_run(store: Path, meta: dict) -> None:
-    old = read_meta(store)
-    diff = differing_keys(old, meta)
-    if diff:
-        details = ", ".join(f"{k}: stored {old.get(k)!r} vs now {meta.get(k)!r}" for k in diff)
-        raise UsageError(f"the soft-label store {store} was made by a different run ({details}); "
-                         "use another --fkd-path or delete it")
+    check_settings(read_meta(store), meta, f"the soft-label store {store}", "use another --fkd-path or delete it")
 
 
 def open_store(store: str | Path, meta: dict) -> int:

@@ -27,11 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from d4m.cli import UsageError
 from d4m.data import load_rgb
-from d4m.runtime import barrier, first_error
+from d4m.runtime import Progress, barrier, first_error
 
 SHARED_MEMORY = Path("/dev/shm")
 RESIZE_CHUNK = 256  # views resized per matrix product: bounds the device memory of a batch
@@ -119,24 +118,30 @@ class HostImages:
     def fill(self, paths: Sequence[str], workers: int, show: bool) -> None:
         """Decode every image into the buffer (DataLoader workers decode, this process copies)."""
         loader = DataLoader(_Decode(paths), batch_size=None, num_workers=workers)
-        for i, image in enumerate(tqdm(loader, total=len(paths), desc="decoding images", unit="img",
-                                       disable=None if show else True, leave=False)):
+        for i, image in enumerate(Progress(loader, "decoding images", 0 if show else 1, total=len(paths),
+                                           unit="images")):
             if tuple(image.shape[:2]) != tuple(self.sizes[i]):
                 raise UsageError(f"image {paths[i]} decodes to {tuple(image.shape[:2])} pixels but its header says "
                                  f"{tuple(self.sizes[i])}; re-save the file")
             self.data[self.offsets[i]:self.offsets[i] + image.numel()] = image.numpy().ravel()
 
 
-def cache_sharing(sizes: np.ndarray) -> int:
+def cache_sharing(sizes: np.ndarray, loader: str = "tensor") -> int:
     """How many processes will share the host cache: the processes of this machine under torchrun when every
-    machine has room in /dev/shm for it, else 1 (each decodes its own). A collective under torchrun."""
+    machine has room in /dev/shm for it, else 1 (each decodes its own; the PIL loader keeps no cache). A collective
+    under torchrun."""
+    if loader != "tensor":
+        return 1
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_world > 1 and dist.is_initialized() and _everyone(_shm_room(HostImages.nbytes_of(sizes))):
         return local_world
     return 1
 
 
-def describe_cache(sizes: np.ndarray, shared_by: int) -> str:
+def describe_cache(sizes: np.ndarray, shared_by: int, loader: str = "tensor") -> str:
+    """The loader's part of a stage's first line."""
+    if loader != "tensor":
+        return "PIL loader"
     shared = f", shared by {shared_by} processes" if shared_by > 1 else ""
     return f"image cache {len(sizes)} images, {HostImages.nbytes_of(sizes) / 1e9:.2f} GB of host memory{shared}"
 

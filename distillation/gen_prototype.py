@@ -43,7 +43,6 @@ if __name__ == "__main__":  # --help, and a bad flag, answered before torch load
     cli(parse_args)(None)
 
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from d4m.data import class_count, describe_prompts, resolve_prompts, train_dataset
 from d4m.device import announce, compile_unavailable, memory_format, pick_device, set_deterministic
@@ -53,7 +52,7 @@ from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_cl
                          shuffled)
 from d4m.prototypes import PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
 from d4m.outputs import check_writable_file, exclusive_run
-from d4m.runtime import barrier, first_error, from_rank0, init_distributed, progress_off
+from d4m.runtime import barrier, first_error, from_rank0, init_distributed, Progress
 
 
 def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], classes: list[int],
@@ -67,7 +66,7 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
     labels = {index: label for label in classes for index in members[label]}
     encode = latent_encoder(pipe, args.batch_size, compiled)
     # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
-    bar = tqdm(total=len(batches), desc="encoding", disable=progress_off(rank), leave=False)
+    bar = Progress(total=len(batches), desc="encoding", rank=rank, unit="batches")
     with batch_invariant(pipe, device), bar:
         for label, latents in encoded_classes(encode, loader, labels, args.seed, device, bar):
             centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand, args.seed,

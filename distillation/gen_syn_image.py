@@ -55,14 +55,13 @@ if __name__ == "__main__":  # --help, and a bad flag, answered before torch load
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
-from d4m.data import NUM_CLASSES, default_prompt_file, describe_prompts, load_prompts, write_class_list
+from d4m.data import NUM_CLASSES, check_same_classes, default_prompt_file, describe_prompts, load_prompts, write_class_list
 from d4m.device import announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable, claim_folder_run, exclusive_run, file_digest, text_digest
-from d4m.runtime import barrier, init_distributed, progress_off, seeded_generator
+from d4m.runtime import Progress, barrier, init_distributed, seeded_generator
 
 
 def label_prompts(args: argparse.Namespace, protos: PrototypeFile) -> list[str]:
@@ -74,11 +73,8 @@ def label_prompts(args: argparse.Namespace, protos: PrototypeFile) -> list[str]:
     if len(prompts) != len(protos.prompts):
         raise UsageError(f"prototype file {args.prototype_path} has {len(protos.prompts)} classes but label file "
                          f"{path} has {len(prompts)}; use the label file the prototypes were made with")
-    diff = next((c for c, (a, b) in enumerate(zip(prompts, protos.prompts)) if a != b), None)
-    if diff is not None:
-        raise UsageError(f"prototype file {args.prototype_path} has prompt {protos.prompts[diff]!r} for class {diff} "
-                         f"but label file {path} has {prompts[diff]!r}; "
-                         "use the label file the prototypes were made with")
+    check_same_classes(protos.prompts, prompts, f"prototype file {args.prototype_path} and label file {path} have "
+                       "other prompts", "use the label file the prototypes were made with")
     return prompts
 
 
@@ -134,7 +130,7 @@ def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: l
     the device makes the next batch."""
     embeds = EmbeddingCache(pipe, args.negative_prompt, args.guidance_scale > 1)
     prototype = ClassPrototypes(protos, args.ipc // protos.per_class)
-    bar = tqdm(total=len(jobs), desc="synthesis", unit="img", disable=progress_off(rank), leave=False)
+    bar = Progress(total=len(jobs), desc="synthesis", rank=rank, unit="images")
     with batch_invariant(pipe, device), bar, ThreadPoolExecutor(max_workers=2) as writers:
         pending = []
         for start in range(0, len(jobs), args.batch_size):

@@ -39,12 +39,11 @@ if __name__ == "__main__":  # --help, and a bad flag, answered before torch load
     cli(parse_args)(None)
 
 import numpy as np
-from tqdm import tqdm
 
 from d4m.data import class_count, resolve_prompts, train_dataset, write_class_list
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable, claim_folder, exclusive, file_digest
-from d4m.runtime import progress_off
+from d4m.runtime import Progress
 
 
 def pick_per_class(targets: list[int], num_classes: int, ipc: int, seed: int) -> list[list[int]]:
@@ -105,7 +104,7 @@ def draw_settings(args: argparse.Namespace) -> dict:
 
 def write_images(data, picks: list[list[int]], output: Path, size: int | None) -> None:
     width = len(str(len(picks) - 1))
-    for c, indices in enumerate(tqdm(picks, desc="classes", disable=progress_off())):
+    for c, indices in enumerate(Progress(picks, "classes", unit="classes")):
         for j, index in enumerate(indices):
             img, _ = data[index]
             if size:

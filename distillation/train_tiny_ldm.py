@@ -84,13 +84,12 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from torchvision.transforms import functional as TF
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from d4m.data import class_count, resolve_prompts, train_dataset
 from d4m.device import announce, pick_device
 from d4m.diffusion import no_library_bars
 from d4m.outputs import atomic_path, check_writable, check_writable_file
-from d4m.runtime import progress_off
+from d4m.runtime import Progress
 from d4m.tiny_sd import SD15_SCHEDULER, build_tiny_sd
 
 
@@ -120,7 +119,7 @@ def load_images(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, l
     size = [args.image_size, args.image_size]
     images = torch.empty(len(order), 3, args.image_size, args.image_size, dtype=torch.uint8)
     labels = torch.empty(len(order), dtype=torch.long)
-    for i, idx in enumerate(tqdm(order, desc="loading images", disable=progress_off())):
+    for i, idx in enumerate(Progress(order, "loading images", unit="images")):
         img, labels[i] = data[int(idx)]
         images[i] = TF.pil_to_tensor(TF.resize(img.convert("RGB"), size, antialias=True))
     return images, labels, prompts
@@ -150,7 +149,7 @@ def check_loss(loss: torch.Tensor, phase: str, step: int) -> None:
 def train_vae(vae, images: torch.Tensor, args, device: torch.device, gen: torch.Generator) -> None:
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    bar = tqdm(range(args.vae_steps), desc="VAE", disable=progress_off())
+    bar = Progress(range(args.vae_steps), "VAE", unit="steps")
     for step in bar:
         idx = torch.randint(len(images), (args.batch_size,), generator=gen)
         x = to_unit(images[idx], device)
@@ -172,7 +171,7 @@ def train_vae(vae, images: torch.Tensor, args, device: torch.device, gen: torch.
 def encode_all(vae, images: torch.Tensor, device: torch.device, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every training image (the UNet phase samples from them)."""
     means, stds = [], []
-    for start in tqdm(range(0, len(images), batch), desc="encoding", disable=progress_off()):
+    for start in Progress(range(0, len(images), batch), "encoding", unit="batches"):
         dist = vae.encode(to_unit(images[start : start + batch], device)).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
@@ -210,7 +209,7 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], labels: torch.T
     ema = copy.deepcopy(unet).requires_grad_(False) if args.ema > 0 else unet
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.01)
     unet.train()
-    bar = tqdm(range(args.unet_steps), desc="UNet", disable=progress_off())
+    bar = Progress(range(args.unet_steps), "UNet", unit="steps")
     for step in bar:
         idx = torch.randint(len(means), (args.batch_size,), generator=gen)
         z0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
@@ -253,7 +252,7 @@ def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_cl
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     rows = []
-    for c, prompt in enumerate(tqdm(prompts, desc="samples", disable=progress_off())):
+    for c, prompt in enumerate(Progress(prompts, "samples", unit="classes")):
         gen = torch.Generator().manual_seed(seed * 1000 + c)
         out = pipe([prompt] * per_class, num_inference_steps=50, guidance_scale=4.0, generator=gen,
                    height=pipe.unet.config.sample_size * pipe.vae_scale_factor,

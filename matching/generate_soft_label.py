@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-scale-crops", type=float, default=0.08)
     p.add_argument("--max-scale-crops", type=float, default=1.0)
     p.add_argument("--fkd-path", required=True, help="soft-label store folder")
-    p.add_argument("--use-fp16", action="store_true", help="store logits in fp16 (and run the teacher in fp16 on CUDA)")
+    p.add_argument("--use-fp16", action="store_true",
+                   help="store the logits in fp16 (the original's teacher ran in float32 all the same; here fp16 is "
+                        "also --amp auto's choice on CUDA)")
     p.add_argument("--mode", default="fkd_save", choices=["fkd_save"])
     p.add_argument("--fkd-seed", type=seed_int, default=42)
     p.add_argument("--mix-type", default=None, choices=MIX_TYPES)
@@ -42,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tensor: decode once into host memory, crop and resize on the device; pil: the original's "
                         "per-image PIL path")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                   help="the teacher's autocast on CUDA; auto: fp16 with --use-fp16 (as the original), else bf16. "
-                        "The CPU always runs float32")
+                   help="the teacher's autocast on CUDA; auto: fp16 with --use-fp16, else bf16 (the original ran "
+                        "float32: --amp off). The CPU always runs float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     p.add_argument("--dataset", default=None, choices=DATASETS,
                    help="with --data-dir: the real validation split the label check also scores the teacher on")
@@ -73,66 +75,19 @@ if __name__ == "__main__":  # --help, and a bad flag, answered before torch load
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
 from d4m import fkd, labelcheck, store, views
-from d4m.data import ImageFolderDataset, read_class_list, val_dataset
+from d4m.data import ImageFolderDataset
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
-from d4m.models import load_pretrained, load_teacher_file
+from d4m.models import load_teacher
 from d4m.outputs import atomic_path, check_writable, exclusive_run, remove_stale_temporaries
-from d4m.runtime import barrier, from_rank0, init_distributed, progress_off, together
+from d4m.runtime import Progress, Setup, barrier, from_rank0, init_distributed, together
 
 
-def load_teacher(args: argparse.Namespace, data_classes: int, device: torch.device,
-                 amp: torch.dtype | None) -> tuple[nn.Module, dict]:
-    if args.teacher_path:
-        teacher, record = load_teacher_file(args.teacher_path)
-        record["source"] = str(args.teacher_path)
-    else:
-        teacher, record = load_pretrained(args.arch)
-        record["source"] = "torchvision-default-weights"
-    if record["num_classes"] < data_classes:
-        raise UsageError(f"the teacher has {record['num_classes']} classes but {args.data} has {data_classes} class "
-                         "folders; use a teacher trained on this dataset")
-    teacher = teacher.to(device, memory_format=memory_format(device)).eval().requires_grad_(False)
-    try:
-        with torch.no_grad(), autocast(device, amp):
-            teacher(torch.zeros(1, 3, args.input_size, args.input_size, device=device))
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"the teacher ({record['arch']}) cannot take {args.input_size} px inputs; "
-                         f"use --input-size {record['input_size']}") from err
-    return teacher, record
-
-
-def label_check(args: argparse.Namespace, teacher: nn.Module, record: dict, data: ImageFolderDataset,
-                device: torch.device, amp: torch.dtype | None) -> dict:
-    """Score the teacher on the synthetic images (and the real validation split when given) per class, compare its
-    class names with classes.json, print one line, and stop when the class orders look different."""
-    classes = len(data.classes)
-    class_list = read_class_list(args.data)
-    if class_list is not None and [row["folder"] for row in class_list] != data.classes:
-        raise UsageError(f"{args.data}/classes.json lists other class folders than {args.data} holds; regenerate "
-                         "the set or remove classes.json")
-    transform = labelcheck.eval_transform(args.input_size, record["mean"], record["std"])
-    synthetic = labelcheck.per_class_top1(teacher, ImageFolderDataset(args.data, transform), classes, device, amp,
-                                          args.workers)
-    real = None
-    if args.val_dir or args.data_dir:
-        val = ImageFolderDataset(args.val_dir, transform) if args.val_dir else val_dataset(args.dataset, args.data_dir,
-                                                                                            transform)
-        if len(val.classes) != classes:
-            raise UsageError(f"the validation split has {len(val.classes)} classes but {args.data} has {classes}")
-        real = labelcheck.per_class_top1(teacher, val, classes, device, amp, args.workers)
-    labelcheck.check(synthetic, real, labelcheck.name_mismatch(record.get("classes"), class_list), classes)
-    names = [str(row["name"]) for row in class_list] if class_list else data.classes
-    print(labelcheck.report(synthetic, real, names, classes), flush=True)
-    return {"class_names": names, "synthetic_top1": synthetic.tolist(),
-            "real_top1": None if real is None else real.tolist(), "teacher": record["arch"]}
-
-
-def store_meta(args: argparse.Namespace, data: ImageFolderDataset, images: str, record: dict, topk: int | None,
-               precision: str) -> dict:
+def store_meta(args: argparse.Namespace, data: ImageFolderDataset, images: str, record: dict, precision: str) -> dict:
+    """The store's meta.json: every setting of this run, the images' fingerprint, the teacher."""
+    topk = args.soft_label_topk if args.soft_label_topk and args.soft_label_topk < record["num_classes"] else None
     return {
         "format": store.FORMAT, "batch_size": args.batch_size, "epochs": args.epochs, "num_images": len(data.samples),
         "data_classes": len(data.classes), "images": images,
@@ -146,20 +101,20 @@ def store_meta(args: argparse.Namespace, data: ImageFolderDataset, images: str, 
     }
 
 
-def label_epoch(args, teacher, source, plan: fkd.EpochPlan, record: dict, rank: int, world: int,
-                device: torch.device, amp: torch.dtype | None, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-    """Teacher logits (in the store's `dtype`, on the CPU) of this process's batches of the epoch (batch b on rank
-    b % world). The copies to the host are asynchronous: the device is waited for once, at the end."""
-    jobs = [fkd.make_job(plan, b) for b in range(rank, plan.num_batches, world)]
-    out = {}
-    with torch.no_grad(), autocast(device, amp):
-        for job, x in fkd.replay_batches(plan, jobs, source, args.workers, device,
-                                         record["mean"], record["std"], args.mix_type):
-            logits = teacher(x.contiguous(memory_format=memory_format(device)))
-            out[job.batch] = logits.to(dtype).to("cpu", non_blocking=True)
+def label_epoch(setup: Setup, teacher: nn.Module, source, plan: fkd.EpochPlan, record: dict) -> dict[int, torch.Tensor]:
+    """The teacher's logits (in the store's dtype, on the CPU) of this process's batches: batch b on rank b % world.
+    Copies to the host are asynchronous; the device is waited for once, at the end."""
+    args, device = setup.args, setup.device
+    dtype = torch.float16 if args.use_fp16 else torch.float32
+    jobs = [fkd.make_job(plan, b) for b in range(setup.rank, plan.num_batches, setup.world)]
+    parts = {}
+    with torch.no_grad(), autocast(device, setup.amp):
+        for job, x in fkd.replay_batches(plan, jobs, source, args.workers, device, record["mean"], record["std"],
+                                         args.mix_type):
+            parts[job.batch] = teacher(x.contiguous(memory_format=memory_format(device))).to(dtype).to("cpu", non_blocking=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out
+    return parts
 
 
 def gather_logits(parts: dict[int, torch.Tensor], rank: int, world: int) -> torch.Tensor | None:
@@ -176,33 +131,55 @@ def gather_logits(parts: dict[int, torch.Tensor], rank: int, world: int) -> torc
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+
+    # set-up: device, processes, precision
     check_writable(args.fkd_path, "--fkd-path")
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
-    amp = amp_dtype(args.amp, device, prefer_fp16=args.use_fp16)
+    setup = Setup(args, device, rank, world, amp_dtype(args.amp, device, prefer_fp16=args.use_fp16))
     if args.seed is not None:
         torch.manual_seed(args.seed)
+
+    # the synthetic set, the teacher, and the store's record of both
     data = ImageFolderDataset(args.data)
-    teacher, record = load_teacher(args, len(data.classes), device, amp)
-    topk = args.soft_label_topk if args.soft_label_topk and args.soft_label_topk < record["num_classes"] else None
     paths = [path for path, _ in data.samples]
     hw = views.image_sizes(paths)
+    teacher, record = load_teacher(args.teacher_path, args.arch, len(data.classes), args.input_size, device,
+                                   f"{args.data} has {len(data.classes)} class folders")
     images = from_rank0(store.image_fingerprint(args.data, data.samples) if rank == 0 else None, world)
-    meta = store_meta(args, data, images, record, topk, precision_name(amp))
-    start = store.open_store(args.fkd_path, meta)
-    shared_by = views.cache_sharing(hw) if args.loader == "tensor" else 1
-    loader = views.describe_cache(hw, shared_by) if args.loader == "tensor" else "PIL loader"
-    announce("matching", device, precision_name(amp), world, rank, f"teacher {record['arch']}", loader)
-    checked = None
-    with together(world):
-        if not args.no_label_check and rank == 0 and start < args.epochs:
-            checked = label_check(args, teacher, record, data, device, amp)
+    meta = store_meta(args, data, images, record, precision_name(setup.amp))
+    shared_by = views.cache_sharing(hw, args.loader)
+    announce("matching", device, precision_name(setup.amp), world, rank, f"teacher {record['arch']}",
+             views.describe_cache(hw, shared_by, args.loader))
+
     with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
         if rank == 0:
             remove_stale_temporaries(args.fkd_path)
-        start = store.open_store(args.fkd_path, meta)  # again, now that no other run writes
-        match_epochs(args, teacher, record, meta, checked, hw, paths, start, shared_by, rank, world, device, amp)
+        start = store.open_store(args.fkd_path, meta)  # the first epoch missing: a resumed run continues there
+        checked = None
+        with together(world):  # before the first epoch: do teacher, images and prompts share one class order?
+            if not args.no_label_check and rank == 0 and start < args.epochs:
+                checked = labelcheck.run(setup, teacher, record, data)
+        source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+        teacher = maybe_compile(teacher, device, args.compile, rank)
+
+        # for each epoch: draw the plan (order, crops, flips, mix), label its views, store plan and logits
+        for epoch in Progress(range(start, args.epochs), "matching", rank, initial=start, total=args.epochs,
+                              unit="epochs"):
+            plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
+                                  args.mixup, args.cutmix, (args.min_scale_crops, args.max_scale_crops), not args.no_flip)
+            with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
+                parts = label_epoch(setup, teacher, source, plan, record)
+            logits = gather_logits(parts, rank, world)
+            with together(world):
+                if rank == 0 and epoch == start:  # the store is made once every image has decoded and been labelled
+                    create_store(args, meta, checked)
+            if rank == 0:
+                store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
+            barrier()
+    if rank == 0:
+        print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
 
 
 def create_store(args: argparse.Namespace, meta: dict, checked: dict | None) -> None:
@@ -211,32 +188,6 @@ def create_store(args: argparse.Namespace, meta: dict, checked: dict | None) -> 
     if checked is not None:
         with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
             tmp.write_text(json.dumps(checked, indent=1))
-
-
-def match_epochs(args: argparse.Namespace, teacher: nn.Module, record: dict, meta: dict, checked: dict | None, hw,
-                 paths: list[str], start: int, shared_by: int, rank: int, world: int, device: torch.device,
-                 amp: torch.dtype | None) -> None:
-    """Label and store the epochs from `start` on. The store is created with the first epoch written, once every
-    image has been decoded and labelled: a run that fails before leaves no store to refuse its corrected rerun."""
-    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
-    teacher = maybe_compile(teacher, device, args.compile, rank)
-    dtype = torch.float16 if args.use_fp16 else torch.float32
-    scale = (args.min_scale_crops, args.max_scale_crops)
-    for epoch in tqdm(range(start, args.epochs), disable=progress_off(rank), desc="matching", initial=start, total=args.epochs):
-        plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
-                              args.mixup, args.cutmix, scale, not args.no_flip)
-        with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
-            parts = label_epoch(args, teacher, source, plan, record, rank, world, device, amp, dtype)
-        logits = gather_logits(parts, rank, world)
-        if epoch == start:
-            with together(world):
-                if rank == 0:
-                    create_store(args, meta, checked)
-        if rank == 0:
-            store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
-        barrier()
-    if rank == 0:
-        print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
 
 
 if __name__ == "__main__":

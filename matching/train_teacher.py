@@ -51,15 +51,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from d4m.data import (IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, ImageFolderDataset, class_count, train_dataset,
-                      val_dataset)
+from d4m.data import (IMAGENET_MEAN, IMAGENET_STD, NATIVE_SIZE, ImageFolderDataset, check_same_classes, class_count,
+                      train_dataset, val_dataset)
 from d4m.device import announce, pick_device
 from d4m.models import architectures, build_model, check_input_size, save_teacher
 from d4m.views import image_sizes
 from d4m.outputs import check_writable_file, exclusive
-from d4m.runtime import progress_off
+from d4m.runtime import Progress
 
 
 # Up to this side, images are small-dataset images: pad-and-crop augmentation; above it, random-resized crops.
@@ -101,21 +100,13 @@ def loaders(args: argparse.Namespace) -> tuple[DataLoader, DataLoader, list[str]
     val_set: Dataset = val_dataset(args.dataset, args.data_dir, test_tf)
     num_classes = class_count(args.dataset, train_set)
     class_names = [str(name) for name in getattr(train_set, "classes", range(num_classes))]
-    check_same_classes(class_names, [str(name) for name in getattr(val_set, "classes", class_names)], args.data_dir)
+    check_same_classes(class_names, getattr(val_set, "classes", class_names),
+                       f"{args.data_dir}: the validation split's classes are not the training split's",
+                       "give both the same class folders")
     gen = torch.Generator().manual_seed(args.seed)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, persistent_workers=args.workers > 0)
     return (DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size, generator=gen, **common),
             DataLoader(val_set, shuffle=False, **common), class_names)
-
-
-def check_same_classes(train: list[str], val: list[str], root: str) -> None:
-    """The validation split must hold the training split's classes, in the same order."""
-    if train != val:
-        first = next((i for i, (a, b) in enumerate(zip(train, val)) if a != b), min(len(train), len(val)))
-        seen = (train[first] if first < len(train) else "nothing", val[first] if first < len(val) else "nothing")
-        raise UsageError(f"{root}: the training split has {len(train)} classes and the validation split {len(val)}, "
-                         f"and class {first} is {seen[0]!r} in one but {seen[1]!r} in the other; give both the same "
-                         "class folders")
 
 
 @torch.no_grad()
@@ -131,7 +122,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> floa
 
 def train_epoch(model, loader, opt, sched, device, epoch: int) -> float:
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=progress_off())
+    bar = Progress(loader, f"epoch {epoch}", leave=False, unit="batches")
     running = 0.0
     for x, y in bar:
         loss = F.cross_entropy(model(x.to(device)), y.to(device))

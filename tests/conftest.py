@@ -115,3 +115,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def top1_on(model: torch.nn.Module, folder: Path, input_size: int, mean, std) -> float:
+    """The top-1 (%) of `model` on an ImageFolder, computed here with the validation transform, to hold a script's
+    reported figure against."""
+    from d4m.data import ImageFolderDataset
+    from d4m.labelcheck import eval_transform
+
+    data = ImageFolderDataset(folder, eval_transform(input_size, mean, std))
+    images = torch.stack([image for image, _ in data])
+    labels = torch.tensor([label for _, label in data])
+    return 100.0 * (model.eval()(images).argmax(1) == labels).float().mean().item()

@@ -77,3 +77,19 @@ def test_a_log_file_gets_lines_not_progress_bars(tmp_path):
     assert done.returncode == 0, text[-2000:]
     assert "\r" not in text and "%|" not in text and "\x1b[" not in text
     assert text.splitlines()[0].startswith("matching: cpu")
+
+
+def test_a_long_loop_writes_a_line_per_tenth_to_a_log(monkeypatch, capsys):
+    """Where stderr is no terminal, a long loop says how far it is at every tenth; inner loops and other ranks
+    stay silent (the quiet start, which keeps short runs' logs clean, is set to 0 here)."""
+    from d4m import runtime
+
+    monkeypatch.setattr(runtime, "QUIET_SECONDS", 0)
+    assert list(runtime.Progress(range(20), "training", unit="epochs")) == list(range(20))
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"training: {2 * k}/20 epochs ({10 * k} %)" for k in range(1, 11)]
+    list(runtime.Progress(range(20), "epoch 3", leave=False))
+    list(runtime.Progress(range(20), "training", rank=1))
+    with runtime.Progress(total=4, desc="synthesis", unit="images") as bar:
+        bar.update(4)
+    assert capsys.readouterr().err.splitlines() == ["synthesis: 4/4 images (100 %), 0.0 min"]

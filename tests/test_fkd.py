@@ -1,6 +1,9 @@
 """FKD augmentation plans, the two view paths, and the top-K soft-label rebuild."""
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -88,7 +91,10 @@ def test_worker_count_gives_same_batches(tmp_path, loader):
 
 
 def test_tensor_views_can_stop_early(tmp_path):
-    """A consumer that stops after the first batch (an error, an interrupt) does not leave threads waiting."""
+    """A consumer that stops after the first batch (an error, an interrupt) does not leave threads waiting: closing
+    the stream returns, and no thread it started is left alive (checked with a deadline, so a leak fails the test
+    rather than hanging it)."""
+    before = set(threading.enumerate())
     data = ImageFolderDataset(make_image_folder(tmp_path, 3, 4, 32) / "train")
     paths = [p for p, _ in data.samples]
     source = views.build_source("tensor", paths, views.image_sizes(paths), 32, 0)
@@ -96,7 +102,14 @@ def test_tensor_views_can_stop_early(tmp_path):
     specs = [fkd.job_spec(plan, fkd.make_job(plan, b)) for b in range(plan.num_batches)]
     stream = views.iterate_views(source, specs, 1, torch.device("cpu"))
     assert next(stream).shape == (5, 3, 32, 32)
-    stream.close()
+    closer = threading.Thread(target=stream.close, daemon=True)
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "closing the view stream hangs"
+    deadline = time.monotonic() + 30
+    while any(t.is_alive() for t in set(threading.enumerate()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t for t in set(threading.enumerate()) - before if t.is_alive()]
 
 
 def pixel_difference(pil: list[torch.Tensor], tensor: list[torch.Tensor]) -> tuple[float, float]:

@@ -169,7 +169,7 @@ def test_a_full_disk_during_the_run_is_one_line(tiny, tmp_path, capsys, monkeypa
                                         "--device", "cpu")) == 2
     line = one_error_line(capsys)
     assert "No space left on device" in line and "checkpoint.pth.tar" in line
-    assert not list((tmp_path / "out").glob("*.tar")) if (tmp_path / "out").exists() else True
+    assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*.tmp*"))
 
 
 def test_a_prompt_file_with_more_lines_than_classes_is_refused(tmp_path, capsys):

@@ -6,7 +6,8 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_script, top1_on
+from d4m.models import load_teacher_file
 from fkd_helpers import tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +33,9 @@ def test_report_writes_table_curve_and_architectures(tmp_path, capsys):
     assert run_script("validate/report.py", argv) == 0
     result = json.loads((out / "results.json").read_text())
     assert len(result["rows"]) == 16 and [s["ipc"] for s in result["scores"]] == [1, 10]
-    assert result["teacher"]["arch"] == "convnet" and 0 <= result["teacher"]["top1"] <= 100
+    model, record = load_teacher_file(teacher)
+    assert result["teacher"]["arch"] == "convnet"
+    assert result["teacher"]["top1"] == pytest.approx(top1_on(model, data / "val", 32, record["mean"], record["std"]))
     for picture in ("curve.png", "models.png"):
         assert Image.open(out / picture).size[0] > 300
     table = capsys.readouterr().out

@@ -69,5 +69,5 @@ def test_a_second_draw_into_the_same_folder_is_refused(image_folder, tmp_path, c
     capsys.readouterr()
     assert run_script(SCRIPT, common + ["--seed", 2]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "other settings (seed: 1 there, 2 now)" in err[0], err
+    assert len(err) == 1 and "other settings (seed 1 there, 2 here)" in err[0], err
     assert sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*.png")) == before

@@ -65,7 +65,7 @@ def test_a_store_created_meanwhile_by_a_run_of_other_settings_is_refused(tiny, t
     capsys.readouterr()
     assert match(data, teacher, store) == 2
     line = one_error_line(capsys)
-    assert f"the soft-label store {store} was made by a different run (batch_size: stored 4 vs now 5" in line
+    assert f"the soft-label store {store} was made with other settings (batch_size 4 there, 5 here" in line
     assert contents(store) == contents(other)
     monkeypatch.setattr(views, "build_source", racing_into(same))
     assert match(data, teacher, same, "-b", 4) == 0
@@ -124,7 +124,7 @@ def test_images_changed_in_place_are_refused(tiny, tmp_path, capsys):
     assert train(data, store, tmp_path / "out") == 2
     assert f"the images in {data / 'train'} are not the ones the store was made from" in one_error_line(capsys)
     assert match(data, teacher, store) == 2
-    assert "was made by a different run (images: stored" in one_error_line(capsys)
+    assert "was made with other settings (images " in one_error_line(capsys)
 
 
 def damage_meta(meta, how: str) -> None:

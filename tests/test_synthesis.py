@@ -80,7 +80,7 @@ def test_a_resume_with_other_settings_is_refused_and_mixes_nothing(prototypes, t
     capsys.readouterr()
     assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path) + ["--seed", 2]) == 2
     err = shown(capsys.readouterr().err)
-    assert len(err) == 1 and "holds files made with other settings (seed: 1 there, 2 now)" in err[0], err
+    assert len(err) == 1 and "was made with other settings (seed 1 there, 2 here)" in err[0], err
     assert not (root / "1/2.png").exists() and (root / "manifest.json").read_text() == manifest
     assert run_script(SCRIPT, args(prototypes, tiny_sd, tmp_path)) == 0  # the recorded settings resume
     assert images(root) == reference

@@ -93,6 +93,7 @@ if __name__ == "__main__":  # --help, and a bad flag, answered before torch load
     cli(parse_args)(None)
 
 from d4m.data import ImageFolderDataset
+from d4m.figures import as_text, mean_std
 from d4m.models import load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive
 
@@ -191,8 +192,7 @@ def train(args: argparse.Namespace, name: str, folder: Path, model: str, protoco
 
 
 def row(name: str, model: str, protocol: str, ipc: int, runs: list[float]) -> dict:
-    mean = sum(runs) / len(runs)
-    std = math.sqrt(sum((v - mean) ** 2 for v in runs) / (len(runs) - 1)) if len(runs) > 1 else 0.0
+    mean, std = mean_std(runs)
     return {"method": name, "model": model, "protocol": protocol, "ipc": ipc, "runs": runs, "top1_mean": mean,
             "top1_std": std}
 
@@ -234,7 +234,7 @@ def markdown(rows: list[dict], score_rows: list[dict]) -> str:
     for r in rows:
         runs = " / ".join(f"{v:.2f}" for v in r["runs"])
         lines.append(f"| {r['method']} | {r['model']} | {r['protocol']} | {r['ipc']} | "
-                     f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {runs} |")
+                     f"{as_text(r['top1_mean'], r['top1_std'], len(r['runs']))} | {runs} |")
     if score_rows:
         keys = [k for k in ("ior_fkd", "ior_online", "ior_hard", "hlr", "kept") if any(k in s for s in score_rows)]
         lines += ["", "| method | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
@@ -258,8 +258,8 @@ def evaluate_all(args: argparse.Namespace) -> None:
                 runs = [top1 for part, folder, seeds, first in parts
                         for top1 in train(args, part, folder, model, protocol, stores[part], ipc, classes, seeds, first)]
                 rows.append(row(name, model, protocol, ipc, runs))
-                print(f"{name} {model} {protocol}: top-1 {rows[-1]['top1_mean']:.2f} ± {rows[-1]['top1_std']:.2f} "
-                      f"({args.seeds} seed{'s' if args.seeds > 1 else ''})", flush=True)
+                print(f"{name} {model} {protocol}: top-1 "
+                      f"{as_text(rows[-1]['top1_mean'], rows[-1]['top1_std'], len(runs))}", flush=True)
     score_rows = scores(args, rows)
     out = Path(args.output)
     with atomic_path(out / "results.json") as tmp:

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from d4m import labelcheck
 from d4m.data import ImageFolderDataset, load_rgb, val_dataset
+from d4m.figures import as_text
 from d4m.models import load_teacher_file
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable_file
@@ -127,7 +128,8 @@ def models_figure(rows: list[dict], path: str) -> None:
     chosen = [r for r in rows if r["ipc"] == ipc]
     columns = list(dict.fromkeys((r["method"], r["protocol"]) for r in chosen))
     models = list(dict.fromkeys(r["model"] for r in chosen))
-    cell = {(r["model"], r["method"], r["protocol"]): f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}" for r in chosen}
+    cell = {(r["model"], r["method"], r["protocol"]): as_text(r["top1_mean"], r["top1_std"], len(r["runs"]))
+            for r in chosen}
     text = [[cell.get((m, method, protocol), "") for method, protocol in columns] for m in models]
     fig, ax = plt.subplots(figsize=(2 + 2.2 * len(columns), 0.6 + 0.4 * len(models)), dpi=120)
     ax.axis("off")
@@ -197,8 +199,8 @@ def markdown(rows: list[dict], teacher: float, teacher_arch: str) -> str:
     for r in sorted(rows, key=lambda r: (r["ipc"], r["model"], r["protocol"] == "hard", r["method"])):
         runs = " / ".join(f"{v:.2f}" for v in r["runs"])
         lines.append(f"| {r['ipc']} | {LABELS.get(r['method'], r['method'])} | {r['model']} | "
-                     f"{PROTOCOL_LABELS.get(r['protocol'], r['protocol'])} | {r['top1_mean']:.2f} ± "
-                     f"{r['top1_std']:.2f} | {runs} |")
+                     f"{PROTOCOL_LABELS.get(r['protocol'], r['protocol'])} | "
+                     f"{as_text(r['top1_mean'], r['top1_std'], len(r['runs']))} | {runs} |")
     lines.append(f"| all | teacher, all training images | {teacher_arch} | hard labels | {teacher:.2f} | |")
     return "\n".join(lines)
 

@@ -1,0 +1,76 @@
+# Sourced by every stage launcher (distillation/, matching/, validate/) as
+#     source "$(dirname "$0")/../d4m/launch.sh" DATASET
+# It moves to the repository root (relative paths are taken from there), reads and checks the environment, and
+# defines one function per stage that runs the stage's script with the flags all datasets share; the launcher
+# adds its dataset's flags, then the user's ("$@", last, so they override). The environment:
+#   DATA_DIR  the dataset's folder (stage 1's training images, the label check's and stage 4's validation split)
+#   SD_MODEL  the diffusion model of stages 1 and 2: a diffusers folder or a hub id
+#   TEACHER   stage 3's teacher file (matching/train_teacher.py); unset for ImageNet: torchvision's ResNet-18
+#   IPC       images per class; the stages find each other's folders by it (default 10)
+#   SEEDS     students trained by stage 4, seeds 0 .. SEEDS-1, reported as mean and std (default 1)
+#   OUT_DIR   $OUT_DIR/prototypes, syn, fkd and student (default outputs)
+#   NPROC     run the stage under torchrun with that many processes (default: one process, no torchrun)
+#   PYTHON    the interpreter (default .venv/bin/python if present, else python)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DATASET=$1
+SD_HUB=stable-diffusion-v1-5/stable-diffusion-v1-5
+case $DATASET in
+    imagenet) DATA_DEFAULT=data/imagenet TEACHER_DEFAULT= SD_DEFAULT=$SD_HUB ;;
+    tiny_imagenet) DATA_DEFAULT=data/tiny-imagenet-200 SD_DEFAULT=$SD_HUB
+        TEACHER_DEFAULT=models/tiny_imagenet/teacher_resnet18_modified.pt ;;
+    cifar10|cifar100) DATA_DEFAULT=data/$DATASET TEACHER_DEFAULT=models/$DATASET/teacher_convnet.pt SD_DEFAULT=$SD_HUB ;;
+    fashion_mnist) DATA_DEFAULT=data/fashion_mnist TEACHER_DEFAULT=models/fashion_mnist/teacher_convnet.pt
+        SD_DEFAULT=models/fashion_mnist/ldm ;;
+esac
+DATA_DIR=${DATA_DIR:-$DATA_DEFAULT}
+SD_MODEL=${SD_MODEL:-$SD_DEFAULT}
+TEACHER=${TEACHER:-$TEACHER_DEFAULT}
+IPC=${IPC:-10}
+SEEDS=${SEEDS:-1}
+OUT_DIR=${OUT_DIR:-outputs}
+for variable in IPC SEEDS ${NPROC:+NPROC}; do
+    [[ ${!variable} =~ ^[1-9][0-9]*$ ]] || {
+        echo "error: $variable must be a positive integer, got '${!variable}'" >&2; exit 2; }
+done
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
+RUN=("$PY")
+if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
+PROMPTS=distillation/label-prompt/$DATASET.txt
+NAME=${DATASET}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1  # the folder stages 2, 3 and 4 share
+
+rded_batch() {  # RDED's batch for CLASSES classes: 10 at IPC 1, 50 up to IPC 10, 100 above, doubled from 100 classes
+    local classes=$1 batch
+    case $IPC in 1) batch=10 ;; [2-9]|10) batch=50 ;; *) batch=100 ;; esac
+    if (( classes >= 100 )); then batch=$(( batch * 2 )); fi
+    echo $(( batch < IPC * classes ? batch : IPC * classes ))  # at most the whole set
+}
+
+prototypes() {  # stage 1
+    "${RUN[@]}" distillation/gen_prototype.py --dataset "$DATASET" --data_dir "$DATA_DIR" \
+        --diffusion_checkpoints_path "$SD_MODEL" --label_file_path "$PROMPTS" --ipc "$IPC" --km_expand 1 \
+        --batch_size 10 --save_prototype_path "$OUT_DIR/prototypes" "$@"
+}
+
+synthesis() {  # stage 2, with the paper's guidance 8 and strength 0.7
+    "${RUN[@]}" distillation/gen_syn_image.py --dataset "$DATASET" --diffusion_checkpoints_path "$SD_MODEL" \
+        --label_file_path "$PROMPTS" --prototype_path "$OUT_DIR/prototypes/$DATASET-ipc$IPC-kmexpand1.safetensors" \
+        --save_init_image_path "$OUT_DIR/syn" --ipc "$IPC" --km_expand 1 --guidance_scale 8 --strength 0.7 "$@"
+}
+
+matching() {  # stage 3: soft labels stored in fp16, CutMix
+    local teacher=(--teacher-path "$TEACHER")
+    if [ -z "$TEACHER" ]; then teacher=(-a resnet18); fi
+    "${RUN[@]}" matching/generate_soft_label.py --data "$OUT_DIR/syn/$NAME" --fkd-path "$OUT_DIR/fkd/$NAME" \
+        --dataset "$DATASET" --data-dir "$DATA_DIR" "${teacher[@]}" --use-fp16 --mix-type cutmix "$@"
+}
+
+training() {  # stage 4: AdamW lr 1e-3 wd 0.01, T 20, CutMix; continues the run its folder holds
+    local student=$OUT_DIR/student/$NAME resume=()
+    if [ -e "$student/checkpoint.pth.tar" ] || compgen -G "$student/seed*/checkpoint.pth.tar" >/dev/null; then
+        [[ " $* " == *" --overwrite "* || " $* " == *" --resume"* ]] || resume=(--resume)
+    fi
+    "${RUN[@]}" validate/train_FKD.py --train-dir "$OUT_DIR/syn/$NAME" --fkd-path "$OUT_DIR/fkd/$NAME" \
+        --output-dir "$student" --dataset "$DATASET" --data-dir "$DATA_DIR" -T 20 --adamw-lr 0.001 \
+        --adamw-weight-decay 0.01 --mix-type cutmix --seeds "$SEEDS" "${resume[@]}" "$@"
+}
