@@ -39,6 +39,7 @@ from d4m.models import build_model
 from measure import machine, peak_device_gb, peak_host_gb, timed, write_json
 
 MODES = ("original", "ours", "alone")
+IMAGENET_CUTMIX = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "mix_type": "cutmix"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -127,9 +128,9 @@ def run_mode(args: argparse.Namespace) -> dict:
         soft = soft.pin_memory()
 
     def epoch_batches(epoch: int):
-        plan = fkd.draw_epoch(42, epoch, hw, args.batch_size, args.input_size, "cutmix", 0.8, 1.0, (0.08, 1.0))
+        plan = fkd.draw_epoch(42, epoch, hw, fkd.Recipe(args.batch_size, args.input_size))
         jobs = [fkd.make_job(plan, b) for b in range(plan.num_batches if epoch else min(2, plan.num_batches))]
-        batches = fkd.replay_batches(plan, jobs, source, args.workers, device, IMAGENET_MEAN, IMAGENET_STD, "cutmix")
+        batches = fkd.replay_batches(plan, jobs, source, args.workers, device, IMAGENET_CUTMIX)
         return plan, batches
 
     def data_epoch(epoch: int) -> None:

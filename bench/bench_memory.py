@@ -81,10 +81,10 @@ def fkd_at(ipc: int, args: argparse.Namespace) -> dict:
     teacher = build_model("resnet18", CLASSES).to(device, memory_format=layout).eval().requires_grad_(False)
     student = build_model("resnet18", CLASSES).to(device, memory_format=layout)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    plan = fkd.draw_epoch(42, 0, sizes, args.batch_size, 224, "cutmix", 0.8, 1.0, (0.08, 1.0))
+    plan = fkd.draw_epoch(42, 0, sizes, fkd.Recipe(args.batch_size, 224))
     jobs = [fkd.make_job(plan, b) for b in range(min(args.batches, plan.num_batches))]
-    replay = lambda: fkd.replay_batches(plan, jobs, source, args.workers, device, IMAGENET_MEAN,  # noqa: E731
-                                        IMAGENET_STD, "cutmix")
+    meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "mix_type": "cutmix"}
+    replay = lambda: fkd.replay_batches(plan, jobs, source, args.workers, device, meta)  # noqa: E731
     with torch.no_grad(), autocast(device, amp_dtype("auto", device, prefer_fp16=True)):
         logits = [teacher(x.contiguous(memory_format=layout)).half().to("cpu", non_blocking=True) for _, x in replay()]
     for job, x in replay():

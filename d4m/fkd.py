@@ -100,10 +100,30 @@ def cutmix_box(rng: np.random.Generator, lam: float, size: int) -> list[int]:
     return [int(y1), int(x1), int(y2), int(x2)]
 
 
-def draw_epoch(fkd_seed: int, epoch: int, hw: np.ndarray, batch_size: int, input_size: int, mix_type: str,
-               mixup: float, cutmix: float, scale: tuple[float, float], flip: bool = True) -> EpochPlan:
+@dataclass(frozen=True)
+class Recipe:
+    """How views are drawn: batch, view size, mix (CutMix, MixUp or "None") and its Beta parameters, the crops'
+    scale range, flips. The same in matching and in training."""
+    batch_size: int
+    input_size: int
+    mix_type: str = "cutmix"
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+
+    @classmethod
+    def of(cls, args, mix_type: str) -> "Recipe":
+        """The recipe of a script's flags (--batch-size, --input-size, --mixup, --cutmix, crop scales, --no-flip)."""
+        return cls(args.batch_size, args.input_size, mix_type, args.mixup, args.cutmix,
+                   (args.min_scale_crops, args.max_scale_crops), not args.no_flip)
+
+
+def draw_epoch(fkd_seed: int, epoch: int, hw: np.ndarray, recipe: Recipe) -> EpochPlan:
     """Every augmentation parameter of one epoch; depends only on its arguments (not on processes or workers).
-    Without `flip` no view is mirrored; the other parameters are those of the same plan with flips."""
+    Without flips no view is mirrored; the other parameters are those of the same plan with flips."""
+    batch_size, input_size, mix_type, mixup, cutmix, scale, flip = (
+        recipe.batch_size, recipe.input_size, recipe.mix_type, recipe.mixup, recipe.cutmix, recipe.scale, recipe.flip)
     rng = np.random.default_rng(derive_seed(fkd_seed, epoch))
     n = len(hw)
     order = rng.permutation(n)
@@ -173,9 +193,9 @@ def mix_rows(views: torch.Tensor, plan: EpochPlan, job: Job, mix_type: str) -> t
 
 
 def replay_batches(plan: EpochPlan, jobs: list[Job], source: PilViews | CropViews, workers: int,
-                   device: torch.device, mean: Sequence[float], std: Sequence[float],
-                   mix_type: str) -> Iterator[tuple[Job, torch.Tensor]]:
-    """(job, augmented normalised mixed rows on the device) for each job, in order."""
+                   device: torch.device, meta: dict) -> Iterator[tuple[Job, torch.Tensor]]:
+    """(job, augmented normalised mixed rows on the device) for each job, in order; `meta` (a store's, or a label
+    source's) gives the normalisation ("mean", "std") and the mix ("mix_type")."""
     specs = [job_spec(plan, job) for job in jobs]
     for job, views in zip(jobs, iterate_views(source, specs, workers, device)):
-        yield job, mix_rows(normalize(views, mean, std), plan, job, mix_type)
+        yield job, mix_rows(normalize(views, meta["mean"], meta["std"]), plan, job, meta["mix_type"])

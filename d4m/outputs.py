@@ -47,10 +47,13 @@ def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
     still held: a taker that opened it just before checks that it locked the file the name still points to), and so
     is a folder made for it that the run leaves empty."""
     lock = Path(lock)
-    created = not lock.parent.exists()
-    lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        created = not lock.parent.exists()
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except FileNotFoundError:  # a run that made the folder for its lock has just removed it again
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -72,9 +72,7 @@ class DrawnPlans:
         self.plan_seed = 42 if args.fkd_seed is None else args.fkd_seed
 
     def epoch(self, epoch: int) -> fkd.EpochPlan:
-        a = self.args
-        self.plan = fkd.draw_epoch(self.plan_seed, epoch, self.hw, a.batch_size, a.input_size, self.meta["mix_type"],
-                                   a.mixup, a.cutmix, (a.min_scale_crops, a.max_scale_crops), not a.no_flip)
+        self.plan = fkd.draw_epoch(self.plan_seed, epoch, self.hw, fkd.Recipe.of(self.args, self.meta["mix_type"]))
         return self.plan
 
 

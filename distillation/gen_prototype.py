@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from d4m.cli import (ArgumentParser, DATASETS, KMEANS_METHODS, PROTOTYPE_FORMATS, UsageError, add_device_args, cli,
@@ -52,13 +53,24 @@ from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_cl
                          shuffled)
 from d4m.prototypes import PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
 from d4m.outputs import check_writable_file, exclusive_run
-from d4m.runtime import barrier, first_error, from_rank0, init_distributed, Progress
+from d4m.runtime import Progress, Setup, barrier, first_error, from_rank0, init_distributed
 
 
-def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], classes: list[int],
-                       device, rank: int, writer: PrototypeWriter, compiled: bool) -> None:
+@dataclass
+class TrainingSet:
+    """The real training images and what stage 1 records of their classes."""
+    data: Dataset
+    members: list[list[int]]  # each class's image indices
+    prompts: list[str]
+    class_names: list[str]
+    name: str  # names the prototype file and, through it, the later stages' folders
+
+
+def encode_and_cluster(setup: Setup, pipe, train: TrainingSet, classes: list[int], writer: PrototypeWriter,
+                       compiled: bool) -> None:
     """Encode the images of `classes` (batches of one class, loaded by workers through pinned memory on CUDA),
     cluster each class once all its latents are in, and write its prototypes to the file."""
+    args, device, data, members = setup.args, setup.device, train.data, train.members
     batches = class_batches(members, classes, args.seed, args.batch_size)
     workers = min(args.num_workers, os.cpu_count() or 1)  # more than the machine's cores only slows it down
     loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=workers,
@@ -66,7 +78,7 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
     labels = {index: label for label in classes for index in members[label]}
     encode = latent_encoder(pipe, args.batch_size, compiled)
     # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
-    bar = Progress(total=len(batches), desc="encoding", rank=rank, unit="batches")
+    bar = Progress(total=len(batches), desc="encoding", rank=setup.rank, unit="batches")
     with batch_invariant(pipe, device), bar:
         for label, latents in encoded_classes(encode, loader, labels, args.seed, device, bar):
             centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand, args.seed,
@@ -76,23 +88,21 @@ def encode_and_cluster(args: argparse.Namespace, pipe, data: Dataset, members: l
             writer.write(label, centres.reshape(args.ipc, *latents.shape[1:]), float(f"{score:.8g}"), nearest)
 
 
-def write_prototypes(args: argparse.Namespace, pipe, data: Dataset, members: list[list[int]], prompts: list[str],
-                     class_names: list[str], name: str, out: Path, device, rank: int, world: int,
-                     compiled: bool) -> None:
+def write_prototypes(setup: Setup, pipe, train: TrainingSet, out: Path, compiled: bool) -> None:
     """Every process encodes and clusters its classes into one temporary file, which rank 0 then names `out`."""
-    num_classes = len(members)
-    metadata = dict(dataset=args.dataset, name=name, ipc=str(args.ipc), km_expand=str(args.km_expand), size=str(args.size),
-                    seed=str(args.seed), class_names=json.dumps(class_names), kmeans=args.kmeans)
+    args, rank, world, num_classes = setup.args, setup.rank, setup.world, len(train.members)
+    metadata = dict(dataset=args.dataset, name=train.name, ipc=str(args.ipc), km_expand=str(args.km_expand),
+                    size=str(args.size), seed=str(args.seed), class_names=json.dumps(train.class_names),
+                    kmeans=args.kmeans)
     tmp = from_rank0(out.with_name(f".{out.name}.build{os.getpid()}"), world)
-    writer = PrototypeWriter(out, tmp, prompts, (args.ipc, *latent_shape(pipe, args.size)), metadata,
+    writer = PrototypeWriter(out, tmp, train.prompts, (args.ipc, *latent_shape(pipe, args.size)), metadata,
                              args.prototype_format)
     if rank == 0:
         writer.create()
     barrier()
     error = ""
     try:
-        encode_and_cluster(args, pipe, data, members, list(range(rank, num_classes, world)), device, rank, writer,
-                           compiled)
+        encode_and_cluster(setup, pipe, train, list(range(rank, num_classes, world)), writer, compiled)
     except UsageError as err:
         error = str(err)
     error = first_error(error, world)
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(describe_prompts(class_names, prompts), flush=True)
     with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):
-        write_prototypes(args, pipe, data, members, prompts, class_names, name, out, device, rank, world, compiled)
+        write_prototypes(Setup(args, device, rank, world), pipe, TrainingSet(data, members, prompts, class_names, name),
+                         out, compiled)
 
 
 if __name__ == "__main__":

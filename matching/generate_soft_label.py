@@ -101,7 +101,7 @@ def store_meta(args: argparse.Namespace, data: ImageFolderDataset, images: str, 
     }
 
 
-def label_epoch(setup: Setup, teacher: nn.Module, source, plan: fkd.EpochPlan, record: dict) -> dict[int, torch.Tensor]:
+def label_epoch(setup: Setup, teacher: nn.Module, source, plan: fkd.EpochPlan, meta: dict) -> dict[int, torch.Tensor]:
     """The teacher's logits (in the store's dtype, on the CPU) of this process's batches: batch b on rank b % world.
     Copies to the host are asynchronous; the device is waited for once, at the end."""
     args, device = setup.args, setup.device
@@ -109,8 +109,7 @@ def label_epoch(setup: Setup, teacher: nn.Module, source, plan: fkd.EpochPlan, r
     jobs = [fkd.make_job(plan, b) for b in range(setup.rank, plan.num_batches, setup.world)]
     parts = {}
     with torch.no_grad(), autocast(device, setup.amp):
-        for job, x in fkd.replay_batches(plan, jobs, source, args.workers, device, record["mean"], record["std"],
-                                         args.mix_type):
+        for job, x in fkd.replay_batches(plan, jobs, source, args.workers, device, meta):
             parts[job.batch] = teacher(x.contiguous(memory_format=memory_format(device))).to(dtype).to("cpu", non_blocking=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -167,10 +166,9 @@ def main(argv: list[str] | None = None) -> None:
         # for each epoch: draw the plan (order, crops, flips, mix), label its views, store plan and logits
         for epoch in Progress(range(start, args.epochs), "matching", rank, initial=start, total=args.epochs,
                               unit="epochs"):
-            plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
-                                  args.mixup, args.cutmix, (args.min_scale_crops, args.max_scale_crops), not args.no_flip)
+            plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, fkd.Recipe.of(args, args.mix_type))
             with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
-                parts = label_epoch(setup, teacher, source, plan, record)
+                parts = label_epoch(setup, teacher, source, plan, meta)
             logits = gather_logits(parts, rank, world)
             with together(world):
                 if rank == 0 and epoch == start:  # the store is made once every image has decoded and been labelled

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan_for(n: int = 12, mix: str = "cutmix", epoch: int = 0, hw=(32, 32)) -> fkd.EpochPlan:
-    return fkd.draw_epoch(42, epoch, np.tile(np.array(hw), (n, 1)), 5, 32, mix, 0.8, 1.0, (0.08, 1.0))
+    return fkd.draw_epoch(42, epoch, np.tile(np.array(hw), (n, 1)), fkd.Recipe(5, 32, mix))
 
 
 def test_plan_depends_only_on_seed_and_epoch():
@@ -77,8 +77,8 @@ def test_compact_plan_replays_the_same_pixel_boxes():
 def views_of(loader: str, data, plan, jobs, workers=0):
     paths = [p for p, _ in data.samples]
     source = views.build_source(loader, paths, views.image_sizes(paths), 32, 0)
-    return [x for _, x in fkd.replay_batches(plan, jobs, source, workers, torch.device("cpu"),
-                                             IMAGENET_MEAN, IMAGENET_STD, "cutmix")]
+    meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "mix_type": "cutmix"}
+    return [x for _, x in fkd.replay_batches(plan, jobs, source, workers, torch.device("cpu"), meta)]
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -138,7 +138,7 @@ def test_mixed_size_images_replay_like_pil(tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
     data = ImageFolderDataset(root)
     paths = [p for p, _ in data.samples]
-    plan = fkd.draw_epoch(42, 0, views.image_sizes(paths), 4, 32, "cutmix", 0.8, 1.0, (0.08, 1.0))
+    plan = fkd.draw_epoch(42, 0, views.image_sizes(paths), fkd.Recipe(4, 32))
     jobs = [fkd.make_job(plan, b) for b in range(plan.num_batches)]
     worst, _ = pixel_difference(views_of("pil", data, plan, jobs), views_of("tensor", data, plan, jobs))
     assert worst <= 1 / 255 + 1e-5
@@ -184,7 +184,7 @@ def test_both_paths_equal_torchvision_resized_crop_of_the_same_box(tmp_path):
     data = ImageFolderDataset(make_image_folder(tmp_path, 3, 4, 40) / "train")
     paths = [p for p, _ in data.samples]
     sizes = views.image_sizes(paths)
-    plan = fkd.draw_epoch(7, 0, sizes, 5, 32, "cutmix", 0.8, 1.0, (0.08, 1.0))
+    plan = fkd.draw_epoch(7, 0, sizes, fkd.Recipe(5, 32))
     specs = [fkd.job_spec(plan, fkd.make_job(plan, b)) for b in range(plan.num_batches)]
     got = {loader: torch.cat(list(views.iterate_views(views.build_source(loader, paths, sizes, 32, 0), specs, 0,
                                                       torch.device("cpu"))))

@@ -6,16 +6,16 @@ import errno
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image_folder, one_error_line, run_script
+from conftest import REPO, make_image_folder, one_error_line, run_script
 from d4m.data import ImageFolderDataset, load_rgb, write_class_list
 from d4m.prototypes import save_prototypes
 from d4m.store import epoch_file, read_epoch, read_meta
@@ -88,7 +88,7 @@ def test_train_and_val_with_other_classes_are_refused(tmp_path, capsys):
     args = ["--dataset", "imagefolder", "--data-dir", data, "-a", "convnet", "--epochs", 1, "--workers", 0,
             "--input-size", 32, "--output", tmp_path / "t.pt", "--device", "cpu"]
     assert run_script("matching/train_teacher.py", args) == 2
-    assert "class 1 is 'class1' in one but 'class2' in the other" in one_error_line(capsys)
+    assert "(class 1: 'class1' there, 'class2' here)" in one_error_line(capsys)
 
 
 def test_validation_classes_must_be_those_of_the_synthetic_set(tiny, tmp_path, capsys):
@@ -129,21 +129,65 @@ def test_a_damaged_prototype_file_is_named(tmp_path, tiny_sd, capsys):
     assert not (tmp_path / "syn").exists()
 
 
+HOLDER = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
 def test_a_second_run_on_the_same_output_is_refused_and_a_dead_runs_lock_taken_over(tiny, tmp_path, capsys):
+    """While another process holds the store's lock the run is refused, writing nothing; once that process is
+    killed (its lock file left behind), the next run takes the lock and removes the file when done."""
     data, teacher = tiny
     store = tmp_path / "store"
     store.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(store / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        (store / ".lock").write_text(f"{sleeper.pid} {socket.gethostname()}")
+        assert holder.stdout.readline().strip() == "held"
         assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 2
-        assert f"being written by another run (process {sleeper.pid})" in one_error_line(capsys)
+        assert f"being written by another run (it holds {store / '.lock'})" in one_error_line(capsys)
         assert sorted(p.name for p in store.iterdir()) == [".lock"]
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        holder.kill()
+        holder.wait()
     assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 0
     assert (store / "meta.json").is_file() and not (store / ".lock").exists()
+
+
+TAKER = """import os, sys, time
+from d4m.cli import UsageError
+from d4m.outputs import exclusive
+lock, start, log = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+while time.time() < start:
+    pass
+for _ in range(20):
+    try:
+        with exclusive(lock, "the test's folder"):
+            with open(log, "a") as f:
+                f.write(f"in {os.getpid()}\\n")
+            time.sleep(0.002)
+            with open(log, "a") as f:
+                f.write(f"out {os.getpid()}\\n")
+    except UsageError:
+        pass
+"""
+
+
+def test_the_lock_is_never_held_twice(tmp_path):
+    """Eight processes start together and take and release one lock (on a folder each run creates and removes) 20
+    times each: in the log of their holds no two overlap, and no lock file is left."""
+    lock, log = tmp_path / "out" / ".lock", tmp_path / "log"
+    start = time.time() + 2
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    takers = [subprocess.Popen([sys.executable, "-c", TAKER, str(lock), str(start), str(log)], env=env)
+              for _ in range(8)]
+    assert all(t.wait(timeout=120) == 0 for t in takers)
+    events = log.read_text().split("\n")[:-1]
+    assert events, "no process ever held the lock"
+    assert all(a.split()[0] == "in" and b == f"out {a.split()[1]}" for a, b in zip(events[::2], events[1::2])), events
+    assert not lock.exists()
 
 
 def test_an_output_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, monkeypatch):

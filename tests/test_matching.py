@@ -38,7 +38,7 @@ def replayed_logits(store, epoch, data, teacher_path, loader, device="cpu"):
     source = views.build_source(loader, paths, views.image_sizes(paths), 32, 0)
     for b in range(plan.num_batches):
         job = fkd.make_job(plan, b)
-        (_, x), = fkd.replay_batches(plan, [job], source, 0, device, record["mean"], record["std"], meta["mix_type"])
+        (_, x), = fkd.replay_batches(plan, [job], source, 0, device, meta)
         start, end = plan.bounds(b)
         with torch.no_grad(), autocast(device, amp):
             fresh = teacher(x.contiguous(memory_format=memory_format(device)))

@@ -262,8 +262,7 @@ def train_student(setup: Setup, labels, source, val_loader: DataLoader, student:
         my_pieces = [pieces(plan.bounds(b)[1] - plan.bounds(b)[0], args.gradient_accumulation_steps, rank, world)
                      for b in range(plan.num_batches)]
         jobs = [fkd.make_job(plan, b, torch.arange(mine[0][0], mine[-1][1])) for b, mine in enumerate(my_pieces)]
-        batches = fkd.replay_batches(plan, jobs, source, args.workers, device, meta["mean"], meta["std"],
-                                     meta["mix_type"])
+        batches = fkd.replay_batches(plan, jobs, source, args.workers, device, meta)
         model.train()
         losses = torch.zeros(plan.num_batches, device=device)
         for (job, x), mine in zip(Progress(batches, f"epoch {epoch}", rank, total=len(jobs), leave=False), my_pieces):
