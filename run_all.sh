@@ -15,7 +15,7 @@
 # imagefolder also reads NAME (default: the data folder's name), IMAGE_SIZE (the distilled images' side: 32 with the
 # tiny LDM, 224 with SD_MODEL), LDM_SIZE (the side stage 1 encodes: IMAGE_SIZE with the tiny LDM, 512 with SD_MODEL),
 # LDM_FLAGS and TEACHER_FLAGS (more flags of distillation/train_tiny_ldm.py and matching/train_teacher.py), NO_FLIP.
-# Fashion-MNIST writes its pictures to misc/ (to OUT_DIR when OUT_DIR is set), imagefolder to OUT_DIR.
+# Pictures go to FIGURES (default OUT_DIR); FIGURES=misc updates the README's pictures.
 # Stages resume: rerunning after an interruption continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -45,9 +45,8 @@ case "$DATASET" in
         exit 2 ;;
 esac
 
-MISC=misc
-if [ -n "${OUT_DIR:-}" ]; then MISC=$OUT_DIR; fi  # a run of one's own keeps the README's pictures
 export OUT_DIR=${OUT_DIR:-outputs}
+FIGURES=${FIGURES:-$OUT_DIR}
 IPCS=${IPCS:-$IPC}
 SEEDS=${SEEDS:-1}
 MODELS=${MODELS:-convnet}
@@ -63,6 +62,8 @@ if [ -n "${NPROC:-}" ]; then
 fi
 FLIP=()
 if [ -n "${NO_FLIP:-}" ]; then FLIP=(--no-flip); fi
+echo "== every stage takes this machine's GPU when torch can use one, else the CPU (this chain is sized for a CPU)"
+export D4M_CPU_NOTED=1  # said here once, so the stages do not each warn of the CPU
 
 if [ "$DATASET" = fashion_mnist ]; then
     export DATA_DIR=${DATA_DIR:-data/fashion_mnist}
@@ -76,7 +77,6 @@ else
         echo "error: run_all.sh imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders" >&2
         exit 2
     fi
-    MISC=$OUT_DIR
     NAME=${NAME:-$(basename "$(cd "$DATA_DIR" && pwd)")}
     if [ -z "${SD_MODEL:-}" ]; then
         IMAGE_SIZE=${IMAGE_SIZE:-32}
@@ -156,8 +156,8 @@ for IPC in $IPCS; do
 done
 "$PYTHON" validate/report.py --dataset "$DATASET" --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
     --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_$NAME.json" \
-    --curve "$MISC/${NAME}_ipc_curve.png" --models-figure "$MISC/${NAME}_models.png" \
-    --figure "$MISC/${NAME}_d4m.png" --syn-images "$SYN" \
+    --curve "$FIGURES/${NAME}_ipc_curve.png" --models-figure "$FIGURES/${NAME}_models.png" \
+    --figure "$FIGURES/${NAME}_d4m.png" --syn-images "$SYN" \
     --real-images "$OUT_DIR/syn/real_${NAME}_ipc${IPC}_seed0" --prototypes "$PROTOTYPES" \
     --diffusion_checkpoints_path "$SD_MODEL" --seconds $(( $(date +%s) - start ))
 echo "whole chain: $(( $(date +%s) - start )) s"

@@ -42,7 +42,7 @@ def pick_device(requested: str | None = None) -> torch.device:
         return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("D4M_CPU_NOTED"):  # run_all.sh says it once
         print(f"warning: no usable CUDA device (torch.cuda.is_available() is false; {cuda_build()}), so this runs "
               "on the CPU, which is slow at ImageNet scale; pass --device cpu to choose the CPU and silence this",
               file=sys.stderr, flush=True)

@@ -38,6 +38,12 @@ def test_fallback_to_the_cpu_warns(no_cuda, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_chain_that_said_so_once_gets_no_warning_per_stage(no_cuda, capsys, monkeypatch):
+    monkeypatch.setenv("D4M_CPU_NOTED", "1")  # set by run_all.sh, which says once which device the stages take
+    assert pick_device(None) == torch.device("cpu")
+    assert capsys.readouterr().err == ""
+
+
 def test_amp_is_float32_on_the_cpu_and_bf16_or_fp16_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert amp_dtype("auto", cpu) is None and amp_dtype("auto", cpu, prefer_fp16=True) is None

@@ -42,6 +42,22 @@ def test_report_writes_table_curve_and_architectures(tmp_path, capsys):
     assert "| 10 | D4M images | convnet | stored soft labels | 20.50 ± 0.71 | 20.00 / 21.00 |" in table
 
 
+def test_one_ipc_and_one_seed_read_as_such(tmp_path, capsys):
+    """A single IPC gets bars (a curve of one point says nothing); a single seed is '(1 seed)', not '± 0.00'."""
+    data, teacher = tiny_setup(tmp_path)
+    folder = tmp_path / "eval2"
+    folder.mkdir()
+    rows = [{"method": method, "model": "convnet", "protocol": "fkd", "ipc": 2, "runs": [top1], "top1_mean": top1,
+             "top1_std": 0.0} for method, top1 in (("d4m", 74.0), ("random", 65.5))]
+    (folder / "results.json").write_text(json.dumps({"rows": rows, "scores": []}))
+    argv = ["--dataset", "imagefolder", "--data-dir", data, "--teacher-path", teacher, "--evals", folder,
+            "--output-json", tmp_path / "r.json", "--curve", tmp_path / "bars.png"]
+    assert run_script("validate/report.py", argv) == 0
+    assert Image.open(tmp_path / "bars.png").size[0] > 300
+    table = capsys.readouterr().out
+    assert "| 74.00 (1 seed) | 74.00 |" in table and "±" not in table.split("top-1 % (mean ± std)")[1]
+
+
 def test_missing_evaluation_is_one_line(tmp_path, capsys):
     data, teacher = tiny_setup(tmp_path)
     argv = ["--dataset", "imagefolder", "--data-dir", data, "--teacher-path", teacher, "--evals", tmp_path / "none",

@@ -24,6 +24,7 @@ import math
 import runpy
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from d4m.cli import (ArgumentParser, DATASETS, MIX_TYPES, PROTOCOLS, UsageError, cli, non_negative_float,
@@ -165,18 +166,28 @@ def rded_recipe(model: str, ipc: int, classes: int, mix_type: str) -> dict:
             "-T": 4.0 if mix_type == "mixup" else 20.0, "--lr-schedule": "half-cosine"}
 
 
-def train(args: argparse.Namespace, name: str, folder: Path, model: str, protocol: str, store: Path | None,
-          ipc: int, classes: int, seeds: int, first_seed: int) -> list[float]:
-    """The final top-1 of each student trained on `folder`."""
+@dataclass
+class Part:
+    """A set's folder with the seeds trained on it: every seed on one folder, or seed k alone on random draw k."""
+    name: str
+    folder: Path
+    seeds: int
+    first_seed: int
+    store: Path | None = None  # its soft labels (protocol fkd)
+
+
+def train(args: argparse.Namespace, part: Part, model: str, protocol: str, ipc: int, classes: int) -> list[float]:
+    """The final top-1 of each student trained on the part's folder."""
+    name, store = part.name, part.store
     out = Path(args.output) / name / model / protocol
     recipe = {"--batch-size": args.batch_size, "--adamw-lr": args.adamw_lr, "-T": args.temperature,
               "--lr-schedule": "cosine"}
     if protocol == "online" and args.online_recipe == "rded":
         recipe.update(rded_recipe(model, ipc, classes, args.mix_type))
-    argv = ["--train-dir", folder, "--output-dir", out, "--model", model, "--protocol", protocol,
+    argv = ["--train-dir", part.folder, "--output-dir", out, "--model", model, "--protocol", protocol,
             "--epochs", args.epochs, "--input-size", args.input_size, "--adamw-weight-decay", args.adamw_weight_decay,
             "--gradient-accumulation-steps", args.gradient_accumulation_steps, "--mix-type", args.mix_type,
-            "--seeds", seeds, "--seed", first_seed, "-j", args.workers, *flip_flags(args),
+            "--seeds", part.seeds, "--seed", part.first_seed, "-j", args.workers, *flip_flags(args),
             *[v for pair in recipe.items() for v in pair],
             *validation_flags(args), *device_flags(args)]
     if protocol == "fkd":
@@ -250,13 +261,13 @@ def evaluate_all(args: argparse.Namespace) -> None:
         data = ImageFolderDataset(folders[0])
         classes, ipc = len(data.classes), len(data.samples) // len(data.classes)
         # one folder: every seed trains on it; one per seed: seed k trains on folder k (its own store)
-        parts = [(name, folders[0], args.seeds, 0)] if len(folders) == 1 else \
-                [(f"{name}{k}", folder, 1, k) for k, folder in enumerate(folders)]
-        stores = {part: match(args, part, folder) if "fkd" in args.protocols else None for part, folder, _, _ in parts}
+        parts = [Part(name, folders[0], args.seeds, 0)] if len(folders) == 1 else \
+                [Part(f"{name}{k}", folder, 1, k) for k, folder in enumerate(folders)]
+        for part in parts:
+            part.store = match(args, part.name, part.folder) if "fkd" in args.protocols else None
         for model in args.models:
             for protocol in args.protocols:
-                runs = [top1 for part, folder, seeds, first in parts
-                        for top1 in train(args, part, folder, model, protocol, stores[part], ipc, classes, seeds, first)]
+                runs = [top1 for part in parts for top1 in train(args, part, model, protocol, ipc, classes)]
                 rows.append(row(name, model, protocol, ipc, runs))
                 print(f"{name} {model} {protocol}: top-1 "
                       f"{as_text(rows[-1]['top1_mean'], rows[-1]['top1_std'], len(runs))}", flush=True)
@@ -266,7 +277,7 @@ def evaluate_all(args: argparse.Namespace) -> None:
         tmp.write_text(json.dumps({"dataset": args.dataset, "rows": rows, "scores": score_rows}, indent=1))
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(markdown(rows, score_rows))
-    print(markdown(rows, score_rows), end="")
+    print(f"table: {out / 'results.md'}")
 
 
 @cli

@@ -88,7 +88,8 @@ def label(method: str, protocol: str) -> str:
 
 
 def curve(rows: list[dict], teacher: float, teacher_arch: str, path: str) -> None:
-    """Top-1 against IPC (log axis) for the first architecture, one line per method and protocol."""
+    """Top-1 against IPC (log axis) for the first architecture, one line per method and protocol; for a single IPC,
+    one bar per method and protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +98,23 @@ def curve(rows: list[dict], teacher: float, teacher_arch: str, path: str) -> Non
     model = rows[0]["model"]
     ipcs = sorted({r["ipc"] for r in rows})
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if len(ipcs) == 1:
+        chosen = [r for r in rows if r["model"] == model]
+        ax.barh(range(len(chosen)), [r["top1_mean"] for r in chosen], xerr=[r["top1_std"] for r in chosen],
+                color=[COLOURS.get(r["method"], "grey") for r in chosen], capsize=3, alpha=0.85)
+        for i, r in enumerate(chosen):
+            ax.text(r["top1_mean"] + 0.5, i, as_text(r["top1_mean"], r["top1_std"], len(r["runs"])), va="center",
+                    fontsize=8)
+        ax.set_yticks(range(len(chosen)), [label(r["method"], r["protocol"]) for r in chosen], fontsize=8)
+        ax.axvline(teacher, color="grey", linestyle="--", label=f"teacher ({teacher_arch}), all training images")
+        ax.set_xlabel("top-1 % on the real test set")
+        ax.set_title(f"{model} students at IPC {ipcs[0]}")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        return
     for method, protocol in dict.fromkeys((r["method"], r["protocol"]) for r in rows if r["model"] == model):
         points = sorted((r["ipc"], r["top1_mean"], r["top1_std"]) for r in rows
                         if (r["method"], r["protocol"], r["model"]) == (method, protocol, model))
