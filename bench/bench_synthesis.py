@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d4m.cli import finite_float
 from d4m.data import default_prompt_file, load_prompts
 from d4m.device import memory_format, pick_device
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype, use_sdpa
@@ -48,8 +49,8 @@ def parse_args() -> argparse.Namespace:
                    help="make at most this many of them the original's way (it is slow on a GPU)")
     p.add_argument("--batch-size", type=int, default=10, help="images per call in the batched mode")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--strength", type=float, default=0.7)
-    p.add_argument("--guidance", type=float, default=8.0)
+    p.add_argument("--strength", type=finite_float, default=0.7)
+    p.add_argument("--guidance", type=finite_float, default=8.0)
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     p.add_argument("--device", default=None, help="cuda when present, else cpu")
     p.add_argument("--compile", action="store_true", help="compile the UNet for the batched mode")

@@ -138,11 +138,6 @@ def state_of(run: Training, epoch: int, best: float, device: torch.device, setti
     return state
 
 
-def save(obj: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def write_metrics(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))

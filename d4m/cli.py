@@ -12,16 +12,18 @@ import sys
 from typing import Callable, NoReturn
 
 DATASETS = ("imagenet", "tiny_imagenet", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
-KMEANS_METHODS = ("faithful", "full")
+KMEANS_METHODS = ("faithful", "full", "groups")
 PROTOTYPE_FORMATS = ("safetensors", "json")
 DIFFUSION_DTYPES = ("float16", "bfloat16", "float32")  # the diffusion weights' dtypes
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # a classifier's autocast
 MIX_TYPES = ("mixup", "cutmix", "None")
 PROTOCOLS = ("fkd", "online", "hard")  # where a student's soft labels come from (validate/)
-LOADERS = ("tensor", "pil")  # where FKD's views are cropped and resized (d4m.views)
+LOADERS = ("tensor", "pil")
+SELECTIONS = ("confidence", "diverse")  # stage 2's candidate selection rules (d4m.selection)  # where FKD's views are cropped and resized (d4m.views)
 DIST_TIMEOUT_MINUTES = 180
 
-WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR)
+WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                errno.EISDIR)
 
 
 class UsageError(Exception):
@@ -61,6 +63,11 @@ def seed_int(text: str) -> int:
     return _number(text, int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")
 
 
+def finite_float(text: str) -> float:
+    """argparse type: any finite number (ranges are checked after parsing, with the flag named)."""
+    return _number(text, float, math.isfinite, "a finite number")
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number above 0 (learning rates, temperatures, Beta parameters)."""
     return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive number")
@@ -69,6 +76,18 @@ def positive_float(text: str) -> float:
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number of at least 0 (weight decays, momenta)."""
     return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "0 or a positive number")
+
+
+def is_plain_name(name: object) -> bool:
+    """One plain path component: a non-empty string without separators, not '.' or '..'."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def plain_name(text: str) -> str:
+    """argparse type: a name that becomes part of an output path (--name)."""
+    if not is_plain_name(text):
+        raise argparse.ArgumentTypeError(f"must be a plain file name (no '/', not '..'), got {text!r}")
+    return text
 
 
 def add_device_args(parser: argparse.ArgumentParser) -> None:

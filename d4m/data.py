@@ -132,8 +132,20 @@ def load_rgb(path: str | Path) -> Image.Image:
                 img = Image.fromarray(np.clip(pixels / 257.0 if sixteen_bit else pixels, 0, 255)
                                       .round().astype(np.uint8))
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as err:
-        raise UsageError(f"cannot read image {path}: {err}; replace or remove the file") from err
+    except IMAGE_ERRORS as err:
+        raise UsageError(image_error(path, err)) from err
+
+
+# what PIL raises for a file that is no image, a damaged one, or one whose header claims more pixels than it opens
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def image_error(path: str | Path, err: Exception) -> str:
+    """The one line for an image that cannot be read."""
+    if isinstance(err, Image.DecompressionBombError):
+        return (f"image {path} claims more pixels than PIL opens safely ({first_line(err)}); a decompression bomb "
+                "or a damaged header: replace or remove the file")
+    return f"cannot read image {path}: {err}; replace or remove the file"
 
 
 def check_class_names(root: Path, classes: list[str]) -> None:
@@ -264,15 +276,29 @@ CIFAR_LAYOUTS = {
 }
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles what CIFAR's files hold (dicts, lists, strings, bytes, numpy arrays) and refuses every other
+    class or function, so that a crafted file in a data folder cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which CIFAR's files never hold")
+        return super().find_class(module, name)
+
+
 def _read_cifar_pickle(path: Path, dataset: str, root: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"{dataset} file {path} not found; expected {root}/{CIFAR_LAYOUTS[dataset].describe()} "
                          "(the python version that torchvision downloads)")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise UsageError(f"cannot read {dataset} file {path}: {err}") from err
+        raise UsageError(f"cannot read {dataset} file {path}: {err}; replace it with the file torchvision "
+                         "downloads") from err
 
 
 class Cifar(Dataset):

@@ -10,7 +10,7 @@ import torchvision
 from d4m.cli import UsageError, first_line
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.device import memory_format
-from d4m.outputs import atomic_path
+from d4m.outputs import save_torch
 
 EXTRA_ARCHS = ("convnet", "resnet18_modified")
 
@@ -81,8 +81,7 @@ def save_teacher(path: str | Path, model: nn.Module, arch: str, num_classes: int
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **info,
     }
-    with atomic_path(path) as tmp:
-        torch.save(record, tmp)
+    save_torch(record, path)
 
 
 def load_teacher_file(path: str | Path) -> tuple[nn.Module, dict]:
@@ -113,12 +112,13 @@ def load_pretrained(arch: str) -> tuple[nn.Module, dict]:
     return model.eval(), record
 
 
-def load_teacher(path: str | None, arch: str, data_classes: int, input_size: int, device: torch.device,
+def load_teacher(path: str | None, arch: str, data_classes: int, input_size: int | None, device: torch.device,
                  data: str) -> tuple[nn.Module, dict]:
     """The frozen teacher on `device`: a teacher file (`path`), else torchvision's pretrained `arch`, with its record
     (`source` added). Refused in one line when it knows fewer classes than `data` holds, or cannot take `input_size`
-    px views."""
+    px views (None: its own size)."""
     teacher, record = load_teacher_file(path) if path else load_pretrained(arch)
+    input_size = input_size or record["input_size"]
     record["source"] = str(path) if path else "torchvision-default-weights"
     if record["num_classes"] < data_classes:
         raise UsageError(f"the teacher has {record['num_classes']} classes but {data}; use a teacher trained on this "

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
-from d4m.cli import UsageError
+from d4m.cli import UsageError, is_plain_name
 from d4m.runtime import together
 
 
@@ -86,6 +86,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_component(name: str, what: str, fix: str) -> None:
+    """A name that becomes part of an output path must be one plain component: no separator, not '.' or '..', not
+    empty, so that nothing is written outside the folder a flag names."""
+    if not is_plain_name(name):
+        raise UsageError(f"{what} {name!r}, which is not a plain file name (it would write outside the output "
+                         f"folder); {fix}")
+
+
 def temporary_path(path: Path) -> Path:
     """The name a file is written under, beside `path`, before it is renamed: `.NAME.tmpPID`."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -102,11 +110,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         tmp.touch()  # made by open(): the permissions the umask gives
         mode = stat.S_IMODE(tmp.stat().st_mode)
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # a refused write names the file the run was writing, not its temporary
+            if err.filename in (None, str(tmp), tmp):
+                raise OSError(err.errno, err.strerror, str(path)) from err
+            raise
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write a serialised file atomically, through Python's own file writes: a full disk then surfaces as an
+    OSError naming it (torch's and safetensors' writers raise errors of their own, with no errno)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """torch.save, serialised in memory, then written by `write_bytes`."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
 
 
 def create_once(path: str | os.PathLike, text: str) -> bool:
@@ -141,11 +173,11 @@ def _create_exclusive(path: Path, text: str) -> bool:
     return True
 
 
-TEMPORARY = re.compile(r"\..+\.tmp(\d+)")
+TEMPORARY = re.compile(r"\..+\.(?:tmp|build)(\d+)")  # atomic writes' and gen_prototype.py's files
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Remove from `folder` the temporary files (`.NAME.tmpPID`) of processes that are gone. A PID says nothing
+    """Remove from `folder` the temporary files (`.NAME.tmpPID`, `.NAME.buildPID`) of processes that are gone. A PID says nothing
     about another machine's processes: call this only while holding the folder's lock."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
 from d4m.cli import UsageError
+from d4m.outputs import check_component
 
 
 def prototype_filename(dataset: str, ipc: int, km_expand: int, fmt: str) -> str:
@@ -147,9 +148,16 @@ class PrototypeFile:
                 self.metadata = self._handle.metadata() or {}
                 self.prompts = json.loads(self.metadata["prompts"])
                 self.shape = tuple(self._handle.get_slice("prototypes").get_shape())
+            self.class_names = json.loads(self.metadata.get("class_names", "null"))
+            if self.class_names is not None and not (isinstance(self.class_names, list) and
+                                                     len(self.class_names) == len(self.prompts)):
+                raise ValueError("its class_names are not one name per prompt")
         except (OSError, ValueError, KeyError, SafetensorError) as err:
             reason = " ".join(f"{type(err).__name__}: {err}".split())
             raise UsageError(f"prototype file {path} is not a valid prototype file ({reason}); regenerate it") from err
+        self.name = self.metadata.get("name")  # names the later stages' folders: one safe path component
+        if self.name is not None:
+            check_component(self.name, f"prototype file {path} records the name", "regenerate it, or give --name")
         if len(self.shape) != 5 or self.shape[0] != len(self.prompts):
             raise UsageError(f"prototype file {path} holds a tensor of shape {list(self.shape)} for "
                              f"{len(self.prompts)} prompts; regenerate it")

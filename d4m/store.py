@@ -29,18 +29,33 @@ from typing import Sequence
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from d4m.cli import UsageError
 from d4m.fkd import EpochPlan
-from d4m.outputs import atomic_path, check_settings, create_once, file_digest
+from d4m.outputs import check_settings, create_once, file_digest, write_bytes
 
 META_NAME = "meta.json"
 FORMAT = 2  # meta.json's `format`: 2 = images fingerprinted by content, epoch files marked with the run's identity
-META_KEYS = ("format", "batch_size", "epochs", "num_images", "data_classes", "images", "fkd_seed", "mix_type", "mixup",
-             "cutmix", "input_size", "num_classes", "teacher", "mean", "std", "min_scale", "max_scale", "flip", "dtype",
-             "topk", "int8", "teacher_precision")
+COUNT, NUMBER, TEXT = "a positive integer", "a number", "a string"
+META_KEYS = {"format": COUNT, "batch_size": COUNT, "epochs": COUNT, "num_images": COUNT, "data_classes": COUNT,
+             "images": TEXT, "fkd_seed": "an integer", "mix_type": TEXT, "mixup": NUMBER, "cutmix": NUMBER,
+             "input_size": COUNT, "num_classes": COUNT, "teacher": "an object", "mean": "three numbers",
+             "std": "three numbers", "min_scale": NUMBER, "max_scale": NUMBER, "flip": "true or false",
+             "dtype": TEXT, "topk": "a positive integer or null", "int8": "true or false", "teacher_precision": TEXT}
 ID_KEY = "store"  # the safetensors metadata entry of an epoch file that holds its run's identity
+
+
+def _fits(value, kind: str) -> bool:
+    """Whether a meta.json value is of the kind META_KEYS gives (JSON true is no integer here)."""
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "three numbers":
+        return isinstance(value, list) and len(value) == 3 and all(_fits(v, NUMBER) for v in value)
+    if kind == "a positive integer or null":
+        return value is None or _fits(value, COUNT)
+    return {COUNT: integer and value >= 1, "an integer": integer, NUMBER: integer or isinstance(value, float),
+            TEXT: isinstance(value, str), "an object": isinstance(value, dict),
+            "true or false": isinstance(value, bool)}[kind]
 
 
 def topk_compress(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -67,17 +82,38 @@ def keep_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
     return topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], logits.shape[1])
 
 
-def image_fingerprint(root: str | Path, samples: Sequence[tuple[str, int]]) -> str:
-    """A hash of the image list and contents: relative paths, labels and a blake2b of each file's bytes, in dataset
-    order. Every file is read once, on up to 8 threads (hashing runs outside the GIL): 0.67 GB/s measured from the
-    page cache on 2 busy cores, so about 2 s for ImageNet IPC 10 (1.3 GB of 224 px PNGs) and 10 s at IPC 50; a
-    cold disk reads slower."""
+IMAGES_NAME = "images.txt"  # beside meta.json: one line per image (path, label, digest), to name a changed one
+
+
+def image_lines(root: str | Path, samples: Sequence[tuple[str, int]]) -> list[str]:
+    """Each image's relative path, label and blake2b of its bytes, in dataset order. Every file is read once, on up
+    to 8 threads (hashing runs outside the GIL): 0.67 GB/s measured from the page cache on 2 busy cores, so about
+    2 s for ImageNet IPC 10 (1.3 GB of 224 px PNGs) and 10 s at IPC 50; a cold disk reads slower."""
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         contents = pool.map(file_digest, [path for path, _ in samples])
-        digest = hashlib.blake2b(digest_size=8)
-        for (path, label), content in zip(samples, contents):
-            digest.update(os.fsencode(f"{Path(path).relative_to(root).as_posix()}\t{label}\t{content}\n"))
+        return [f"{Path(path).relative_to(root).as_posix()}\t{label}\t{content}\n"
+                for (path, label), content in zip(samples, contents)]
+
+
+def image_fingerprint(lines: list[str]) -> str:
+    """The images' fingerprint recorded in meta.json: a hash of `image_lines`."""
+    digest = hashlib.blake2b(digest_size=8)
+    for line in lines:
+        digest.update(os.fsencode(line))
     return digest.hexdigest()
+
+
+def changed_image(store: str | Path, lines: list[str]) -> str | None:
+    """The first image (relative path) that differs from the store's record of its images: changed, added or
+    removed. None when the store keeps no record (made before it did)."""
+    try:
+        recorded = (Path(store) / IMAGES_NAME).read_text(encoding="utf-8", errors="surrogateescape").splitlines(True)
+    except (OSError, ValueError):
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(recorded, lines)) if a != b), min(len(recorded), len(lines)))
+    if first == len(recorded) == len(lines):
+        return None
+    return (lines[first] if first < len(lines) else recorded[first]).split("\t")[0]
 
 
 def store_id(meta: dict) -> str:
@@ -104,6 +140,9 @@ def read_meta(store: str | Path) -> dict:
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise UsageError(f"{path} lacks {', '.join(missing)} (incomplete, or made by an older version); {fix}")
+    wrong = next((key for key, kind in META_KEYS.items() if not _fits(meta[key], kind)), None)
+    if wrong is not None:
+        raise UsageError(f"{path} is damaged ({wrong} is {meta[wrong]!r}, not {META_KEYS[wrong]}); {fix}")
     return meta
 
 
@@ -226,8 +265,8 @@ def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Te
         tensors.update(quantize_rows(logits))
     else:
         tensors["logits"] = logits
-    with atomic_path(epoch_file(store, epoch)) as tmp:
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={ID_KEY: store_id(meta)})
+    write_bytes(epoch_file(store, epoch), save({k: v.cpu().contiguous() for k, v in tensors.items()},
+                                                metadata={ID_KEY: store_id(meta)}))
 
 
 @dataclass

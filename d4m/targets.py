@@ -23,8 +23,10 @@ from d4m.models import load_teacher, load_teacher_file
 from d4m.runtime import from_rank0
 
 
-def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset, images: str) -> None:
+def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset, lines: list[str]) -> None:
     """Everything that must agree between this run and the matching run, with the fix in the message."""
+    images = store.image_fingerprint(lines)
+    changed = store.changed_image(args.fkd_path, lines) if images != meta["images"] else None
     checks = [
         (args.batch_size == meta["batch_size"], f"--batch-size {args.batch_size} differs from the store's {meta['batch_size']}"),
         (args.epochs <= meta["epochs"], f"--epochs {args.epochs} exceeds the {meta['epochs']} epochs stored"),
@@ -33,7 +35,9 @@ def check_store(args: argparse.Namespace, meta: dict, data: ImageFolderDataset, 
         (len(data.classes) == meta["data_classes"], f"{args.train_dir} has {len(data.classes)} classes, the store {meta['data_classes']}"),
         (args.mix_type in (None, meta["mix_type"]), f"--mix-type {args.mix_type} differs from the store's {meta['mix_type']}"),
         (args.fkd_seed in (None, meta["fkd_seed"]), f"--fkd_seed {args.fkd_seed} differs from the store's {meta['fkd_seed']}"),
-        (images == meta["images"], f"the images in {args.train_dir} are not the ones the store was made from"),
+        (images == meta["images"], f"{args.train_dir}/{changed} is not the image the store was made from (changed, "
+                                   "added or removed since)" if changed else
+                                   f"the images in {args.train_dir} are not the ones the store was made from"),
     ]
     for ok, message in checks:
         if not ok:
@@ -48,8 +52,8 @@ class StoredLabels:
 
     def __init__(self, args: argparse.Namespace, data: ImageFolderDataset, device: torch.device, rank: int, world: int):
         self.meta = store.read_meta(args.fkd_path)
-        images = from_rank0(store.image_fingerprint(args.train_dir, data.samples) if rank == 0 else None, world)
-        check_store(args, self.meta, data, images)
+        lines = from_rank0(store.image_lines(args.train_dir, data.samples) if rank == 0 else None, world)
+        check_store(args, self.meta, data, lines)
         store.check_epochs(args.fkd_path, self.meta, args.epochs)
         self.path, self.keep, self.device = args.fkd_path, args.keep_topk, device
         self.plan_seed = self.meta["fkd_seed"]

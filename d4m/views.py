@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from d4m.cli import UsageError
-from d4m.data import load_rgb
+from d4m.data import IMAGE_ERRORS, image_error, load_rgb
 from d4m.runtime import Progress, barrier, first_error
 
 SHARED_MEMORY = Path("/dev/shm")
@@ -50,8 +50,8 @@ def image_sizes(paths: Sequence[str]) -> np.ndarray:
         try:
             with Image.open(path) as img:
                 sizes.append((img.height, img.width))
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot read image {path}: {err}") from err
+        except IMAGE_ERRORS as err:
+            raise UsageError(image_error(path, err)) from err
     return np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
 

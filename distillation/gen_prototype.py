@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d4m.cli import (ArgumentParser, DATASETS, KMEANS_METHODS, PROTOTYPE_FORMATS, UsageError, add_device_args, cli,
-                     non_negative_int, positive_int, seed_int)
+                     non_negative_int, plain_name, positive_int, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,14 +24,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--km_expand", type=positive_int, default=10, help="k-means mini-batch = km_expand * ipc latents")
     parser.add_argument("--kmeans", type=str, default="faithful", choices=KMEANS_METHODS,
                         help="faithful: the original's per-class MiniBatchKMeans fed km_expand*ipc latents at a time; "
-                             "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device")
+                             "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device; "
+                             "groups (beyond D4M, after D3HR, ICML 2025): of 256 random groups of ipc real latents, "
+                             "the one whose mean and spread match the class's (default name: DATASET_groups)")
     parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None, help="one prompt per class, in class order")
     parser.add_argument("--num_workers", type=non_negative_int, default=4)
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
     parser.add_argument("--size", type=positive_int, default=512, help="images are resized to size x size before encoding")
     parser.add_argument("--seed", type=seed_int, default=0, help="seeds the class shuffles and the posterior samples")
     parser.add_argument("--prototype_format", type=str, default="safetensors", choices=PROTOTYPE_FORMATS)
-    parser.add_argument("--name", type=str, default=None,
+    parser.add_argument("--name", type=plain_name, default=None,
                         help="names the outputs (NAME-ipc..., and stage 2's folder); default: the dataset, or for "
                              "imagefolder the data folder's name")
     parser.add_argument("--compile", action="store_true",
@@ -52,7 +54,7 @@ from d4m.kmeans import class_centres, nearest_members
 from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
                          shuffled)
 from d4m.prototypes import PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
-from d4m.outputs import check_writable_file, exclusive_run
+from d4m.outputs import check_writable_file, exclusive_run, remove_stale_temporaries
 from d4m.runtime import Progress, Setup, barrier, first_error, from_rank0, init_distributed
 
 
@@ -102,17 +104,21 @@ def write_prototypes(setup: Setup, pipe, train: TrainingSet, out: Path, compiled
     barrier()
     error = ""
     try:
-        encode_and_cluster(setup, pipe, train, list(range(rank, num_classes, world)), writer, compiled)
-    except UsageError as err:
-        error = str(err)
-    error = first_error(error, world)
-    if error:
+        try:
+            encode_and_cluster(setup, pipe, train, list(range(rank, num_classes, world)), writer, compiled)
+        except UsageError as err:
+            error = str(err)
+        error = first_error(error, world)
+        if error:
+            raise UsageError(error)
+        if rank == 0:
+            mean = float(f"{float(PrototypeFile(tmp).inertia().mean()):.8g}")
+            writer.commit()
+    except BaseException:  # a refusal, a crash or an interrupt leaves no full-size temporary file behind
         if rank == 0:
             writer.discard()
-        raise UsageError(error)
+        raise
     if rank == 0:
-        mean = float(f"{float(PrototypeFile(tmp).inertia().mean()):.8g}")
-        writer.commit()
         print(f"wrote {num_classes} x {args.ipc} prototypes to {out}")
         print(f"k-means {args.kmeans}: mean per-class inertia {mean:.6g}")
 
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         name, count = class_names[small[0]], len(members[small[0]])
         raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
     name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
+    name = name if args.name or args.kmeans != "groups" else f"{name}_groups"  # not the k-means file's name
     out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
     check_writable_file(out, "--save_prototype_path")
     # diffusers loads here, once the inputs are checked
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(describe_prompts(class_names, prompts), flush=True)
     with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):
+        if rank == 0:
+            remove_stale_temporaries(out.parent)  # a killed run's .NAME.build<pid>
         write_prototypes(Setup(args, device, rank, world), pipe, TrainingSet(data, members, prompts, class_names, name),
                          out, compiled)
 

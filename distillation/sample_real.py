@@ -11,7 +11,6 @@ given; class folders are zero-padded indices, as stage 2 writes them, with class
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from d4m.cli import ArgumentParser, DATASETS, UsageError, cli, positive_int, seed_int
@@ -66,7 +65,7 @@ def nearest_per_class(path: str, class_names: list[str], ipc: int | None) -> lis
     if nearest is None or bool((nearest < 0).any()):
         raise UsageError(f"prototype file {path} does not record the real images nearest to its prototypes; "
                          "regenerate it with distillation/gen_prototype.py")
-    recorded = json.loads(protos.metadata.get("class_names", "null"))
+    recorded = protos.class_names
     if recorded != class_names:
         raise UsageError(f"prototype file {path} was made from other classes than --data_dir's "
                          f"({len(recorded or [])} vs {len(class_names)} classes); use the same dataset")

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from d4m.cli import (ArgumentParser, DATASETS, UsageError, cli, non_negative_float, non_negative_int, positive_float,
+from d4m.cli import (ArgumentParser, DATASETS, UsageError, cli, finite_float, non_negative_float, non_negative_int, positive_float,
                      positive_int, seed_int)
 
 # D4M's default negative prompt; trained as an unconditional prompt too, so that it means "no class".
@@ -51,10 +51,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate of both phases (AdamW, cosine)")
     p.add_argument("--kl_weight", type=non_negative_float, default=1e-4)
-    p.add_argument("--cond_drop", type=float, default=0.1, help="share of samples trained with an unconditional prompt")
+    p.add_argument("--cond_drop", type=finite_float, default=0.1, help="share of samples trained with an unconditional prompt")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE,
                    help="also trained as unconditional (half of the dropped samples); '' to use only the empty prompt")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved UNet weights (0: no EMA)")
+    p.add_argument("--ema", type=finite_float, default=0.999, help="EMA decay of the saved UNet weights (0: no EMA)")
     p.add_argument("--fp16", action="store_true", help="save the weights in float16 (half the size)")
     p.add_argument("--samples", default=None, help="also write a text-to-image grid (one row per class) to this PNG")
     p.add_argument("--seed", type=seed_int, default=0)

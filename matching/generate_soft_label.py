@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, UsageError, add_device_args,
-                     check_crop_scales, cli, non_negative_int, positive_float, positive_int, seed_int)
+                     check_crop_scales, cli, finite_float, non_negative_int, positive_float, positive_int, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,8 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-b", "--batch-size", type=positive_int, default=1024)
     p.add_argument("--epochs", type=positive_int, default=300)
     p.add_argument("--input-size", type=positive_int, default=224)
-    p.add_argument("--min-scale-crops", type=float, default=0.08)
-    p.add_argument("--max-scale-crops", type=float, default=1.0)
+    p.add_argument("--min-scale-crops", type=finite_float, default=0.08)
+    p.add_argument("--max-scale-crops", type=finite_float, default=1.0)
     p.add_argument("--fkd-path", required=True, help="soft-label store folder")
     p.add_argument("--use-fp16", action="store_true",
                    help="store the logits in fp16 (the original's teacher ran in float32 all the same; here fp16 is "
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     hw = views.image_sizes(paths)
     teacher, record = load_teacher(args.teacher_path, args.arch, len(data.classes), args.input_size, device,
                                    f"{args.data} has {len(data.classes)} class folders")
-    images = from_rank0(store.image_fingerprint(args.data, data.samples) if rank == 0 else None, world)
-    meta = store_meta(args, data, images, record, precision_name(setup.amp))
+    lines = from_rank0(store.image_lines(args.data, data.samples) if rank == 0 else None, world)
+    meta = store_meta(args, data, store.image_fingerprint(lines), record, precision_name(setup.amp))
     shared_by = views.cache_sharing(hw, args.loader)
     announce("matching", device, precision_name(setup.amp), world, rank, f"teacher {record['arch']}",
              views.describe_cache(hw, shared_by, args.loader))
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             logits = gather_logits(parts, rank, world)
             with together(world):
                 if rank == 0 and epoch == start:  # the store is made once every image has decoded and been labelled
-                    create_store(args, meta, checked)
+                    create_store(args, meta, checked, lines)
             if rank == 0:
                 store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
             barrier()
@@ -180,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
 
 
-def create_store(args: argparse.Namespace, meta: dict, checked: dict | None) -> None:
-    """meta.json (unless it is there, with these settings) and the label check's figures."""
+def create_store(args: argparse.Namespace, meta: dict, checked: dict | None, lines: list[str]) -> None:
+    """meta.json (unless it is there, with these settings), the record of each image, the label check's figures."""
     store.create_meta(args.fkd_path, meta)
+    with atomic_path(Path(args.fkd_path) / store.IMAGES_NAME) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8", errors="surrogateescape")  # file names as the disk has them
     if checked is not None:
         with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
             tmp.write_text(json.dumps(checked, indent=1))

@@ -1,6 +1,9 @@
 """The CIFAR reader of d4m.data: torchvision's python pickles, read without their md5 check."""
 from __future__ import annotations
 
+import os
+import pickle
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -51,6 +54,25 @@ def test_missing_cifar_file_names_the_file_and_the_layout(tmp_path):
         train_dataset("cifar10", str(tmp_path))
     with pytest.raises(UsageError, match=r"cifar-100-python/train not found; expected .*cifar-100-python/ with train, test and meta"):
         train_dataset("cifar100", str(tmp_path))
+
+
+class RunsCode:
+    """What a crafted pickle can carry: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        return (os.system, ("touch ran",))
+
+
+def test_a_crafted_cifar_pickle_runs_no_code(tmp_path, monkeypatch):
+    """A batch file that asks the unpickler for any function beyond numpy's array rebuild is refused in one line
+    naming it, and what it carried never runs."""
+    monkeypatch.chdir(tmp_path)
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(pickle.dumps({"data": RunsCode(), "labels": []}, protocol=2))
+    with pytest.raises(UsageError, match=r"data_batch_2: it asks for posix.system, which CIFAR's files never hold"):
+        train_dataset("cifar10", str(tmp_path))
+    assert not (tmp_path / "ran").exists()
 
 
 def test_tiny_imagenet_annotations_that_do_not_fit_are_one_line(tmp_path):

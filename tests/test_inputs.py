@@ -2,21 +2,25 @@
 folder that cannot be written. Each is valid (and works) or gets one line and exit status 2, writing nothing."""
 from __future__ import annotations
 
-import errno
 import json
 import os
+import resource
+import signal
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, make_image_folder, one_error_line, run_script
+from conftest import REPO, load_script, make_image_folder, one_error_line, run_script
+from d4m.cli import UsageError
 from d4m.data import ImageFolderDataset, load_rgb, write_class_list
+from d4m.models import build_model, save_teacher
 from d4m.prototypes import save_prototypes
 from d4m.store import epoch_file, read_epoch, read_meta
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
@@ -202,18 +206,41 @@ def test_an_output_that_cannot_be_written_is_one_line(tiny, tmp_path, capsys, mo
     assert "is not writable" in one_error_line(capsys)
 
 
-def test_a_full_disk_during_the_run_is_one_line(tiny, tmp_path, capsys, monkeypatch):
-    data, _ = tiny
+def limited_run(script: str, args: list, max_bytes: int) -> subprocess.CompletedProcess:
+    """Run a script in a process that may write no file larger than `max_bytes`: the kernel refuses the write
+    (EFBIG), the way a full disk refuses one (ENOSPC), inside torch's and safetensors' own writers too."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                                          "D4M_CPU_NOTED": "1"})
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "checkpoint.pth.tar"))
 
-    monkeypatch.setattr(torch, "save", full)
-    assert run_script(TRAIN, train_args(data, tmp_path / "s", tmp_path / "out", "--protocol", "hard", "--epochs", 1,
-                                        "--device", "cpu")) == 2
-    line = one_error_line(capsys)
-    assert "No space left on device" in line and "checkpoint.pth.tar" in line
-    assert not list((tmp_path / "out").glob("*.tar")) and not list((tmp_path / "out").glob(".*.tmp*"))
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    """Matching (safetensors epoch files), training (checkpoints) and the teacher (torch.save) on a disk that
+    refuses their files: one line naming the file, exit status 2, no temporary or partial file; the rerun with room
+    completes."""
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=100, size=8)
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.pt"
+    save_teacher(teacher, build_model("convnet", 3, 8), "convnet", 3, 8)
+    store, out = tmp_path / "store", tmp_path / "out"
+    match = ["--data", data / "train", "--teacher-path", teacher, "-b", 50, "--input-size", 8, "--fkd-path", store,
+             "-j", 0, "--no-label-check", "--epochs", 1, "--device", "cpu"]
+    train = ["--train-dir", data / "train", "--val-dir", data / "val", "--output-dir", out, "--protocol", "hard",
+             "--batch-size", 50, "--input-size", 8, "--model", "convnet", "-j", 0, "--epochs", 1, "--device", "cpu"]
+    teach = ["--dataset", "imagefolder", "--data-dir", data, "-a", "convnet", "--epochs", 1, "--batch-size", 50,
+             "--input-size", 8, "--workers", 0, "--output", tmp_path / "teacher" / "t.pt"]
+    for script, args, folder in [(MATCH, match, store), (TRAIN, train, out),
+                                 ("matching/train_teacher.py", teach, tmp_path / "teacher")]:
+        done = limited_run(script, args, 4096)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+        assert lines[0].startswith(f"error: cannot write {folder}/") and "File too large" in lines[0], lines
+        written = lines[0].split(":")[0].removeprefix("error: cannot write ")
+        assert not Path(written).exists() and not list(folder.rglob(".*.tmp*")), list(folder.rglob("*"))
+        assert limited_run(script, args, 1 << 30).returncode == 0
 
 
 def test_a_prompt_file_with_more_lines_than_classes_is_refused(tmp_path, capsys):
@@ -305,3 +332,84 @@ def test_an_output_folder_named_in_another_encoding_is_written_and_printed_escap
                                                       "--ipc", "1"]) == 0
     assert f"wrote 2 images to {tmp_path}/out\\udcff" in capsys.readouterr().out
     assert os.path.isfile(os.fsencode(tmp_path) + b"/out\xff/classes.json")
+
+
+def test_a_damaged_classes_json_is_one_line(tiny, tmp_path, capsys):
+    """matching and train_FKD read the set's classes.json: not JSON, or not a class list, is named in one line."""
+    data, teacher = tiny
+    store = tmp_path / "store"
+    assert run_script(MATCH, match_args(data, teacher, store, "--epochs", 1, "--device", "cpu")) == 0
+    classes = data / "train" / "classes.json"
+    for text in ('{"classes": [', '{"classes": [{"index": 0}]}', '[1, 2]'):
+        classes.write_text(text)
+        checked = [a for a in match_args(data, teacher, tmp_path / "s2", "--epochs", 1, "--device", "cpu")
+                   if a != "--no-label-check"]
+        for script, args in ((MATCH, checked),
+                             (TRAIN, train_args(data, store, tmp_path / "out", "--epochs", 1, "--device", "cpu"))):
+            assert run_script(script, args) == 2
+            line = one_error_line(capsys)
+            assert f"{classes} is damaged (" in line and "regenerate the set, or remove classes.json" in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s2").exists()
+
+
+def test_an_image_that_claims_too_many_pixels_is_named(tiny, tmp_path, capsys):
+    """A PNG whose header claims 20000 x 10000 pixels (a decompression bomb, or a damaged header)."""
+    data, teacher = tiny
+    bomb = data / "train" / "class1" / "bomb.png"
+    Image.new("L", (20000, 10000)).save(bomb, optimize=True)
+    assert run_script(MATCH, match_args(data, teacher, tmp_path / "store", "--epochs", 1, "--device", "cpu")) == 2
+    line = one_error_line(capsys)
+    assert f"image {bomb} claims more pixels than PIL opens safely" in line and "replace or remove the file" in line
+    with pytest.raises(UsageError, match="claims more pixels than PIL opens safely"):
+        load_rgb(bomb)
+
+
+@pytest.mark.parametrize("flag, value", [("-g", "inf"), ("-g", "nan"), ("-g", "-1"), ("-s", "nan")])
+def test_synthesis_takes_finite_guidance_and_strength_only(flag, value, tmp_path, capsys):
+    args = ["--prototype_path", tmp_path / "p.safetensors", "--save_init_image_path", tmp_path / "syn", flag, value]
+    assert run_script("distillation/gen_syn_image.py", args) == 2
+    assert flag in one_error_line(capsys) or "--strength" in one_error_line(capsys)
+    assert not (tmp_path / "syn").exists()
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "..", ""])
+def test_a_prototype_file_cannot_name_a_folder_outside_the_output(name, tiny_sd, tmp_path, capsys):
+    """The output folder of stage 2 is named after the prototype file's recorded name: a name with a separator, or
+    '..', is refused in one line and nothing is written anywhere."""
+    path = tmp_path / "p.safetensors"
+    save_prototypes(path, ["a", "b"], torch.zeros(2, 1, 4, 8, 8), metadata={"name": name})
+    out = tmp_path / "deep" / "syn"
+    args = ["--dataset", "imagefolder", "--prototype_path", path, "--diffusion_checkpoints_path", tiny_sd,
+            "--save_init_image_path", out, "--device", "cpu", "--num_inference_steps", 2]
+    assert run_script("distillation/gen_syn_image.py", args) == 2
+    line = one_error_line(capsys)
+    assert f"prototype file {path} records the name {name!r}, which is not a plain file name" in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["p.safetensors"]
+    assert run_script("distillation/gen_syn_image.py", args[:-2] + ["--name", "../x"]) == 2
+    assert "--name: must be a plain file name" in one_error_line(capsys)
+
+
+def test_a_failed_prototype_run_leaves_no_build_file(tmp_path, tiny_sd, capsys, monkeypatch):
+    """gen_prototype.py writes a full-size `.NAME.build<pid>` first: a run that fails while encoding removes it, and a
+    killed run's (a dead process's) is removed by the next run."""
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=3, size=16)
+    out = tmp_path / "protos"
+    args = ["--dataset", "imagefolder", "--data_dir", data, "--diffusion_checkpoints_path", tiny_sd, "--ipc", 1,
+            "--size", 16, "--num_workers", 0, "--save_prototype_path", out, "--device", "cpu"]
+    module = load_script("distillation/gen_prototype.py")
+
+    def crash(*a, **kw):
+        raise RuntimeError("a crash while clustering")
+
+    monkeypatch.setattr(module, "class_centres", crash)
+    with pytest.raises(RuntimeError, match="a crash while clustering"):
+        module.main([str(a) for a in args])
+    assert not out.exists() or not list(out.iterdir())
+    monkeypatch.undo()
+    out.mkdir(exist_ok=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    leftover = out / f".data-ipc1-kmexpand10.safetensors.build{dead}"
+    leftover.write_bytes(b"\0" * 4096)
+    assert run_script("distillation/gen_prototype.py", args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["data-ipc1-kmexpand10.safetensors"]

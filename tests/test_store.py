@@ -110,7 +110,8 @@ def test_an_edited_meta_json_is_not_trained_on(tiny, tmp_path, capsys):
 
 
 def test_images_changed_in_place_are_refused(tiny, tmp_path, capsys):
-    """An image rewritten with other pixels but the same file size (uncompressed PNGs of one size) is noticed."""
+    """An image rewritten with other pixels but the same file size (uncompressed PNGs of one size) is noticed and
+    named; a store without the record of its images (made before stores kept one) names the folder."""
     data, teacher = tiny
     image = data / "train" / "class0" / "0.png"
     for path in (data / "train").rglob("*.png"):
@@ -122,9 +123,12 @@ def test_images_changed_in_place_are_refused(tiny, tmp_path, capsys):
     assert image.stat().st_size == size
     capsys.readouterr()
     assert train(data, store, tmp_path / "out") == 2
-    assert f"the images in {data / 'train'} are not the ones the store was made from" in one_error_line(capsys)
+    assert f"{data / 'train'}/class0/0.png is not the image the store was made from" in one_error_line(capsys)
     assert match(data, teacher, store) == 2
     assert "was made with other settings (images " in one_error_line(capsys)
+    (store / "images.txt").unlink()
+    assert train(data, store, tmp_path / "out") == 2
+    assert f"the images in {data / 'train'} are not the ones the store was made from" in one_error_line(capsys)
 
 
 def damage_meta(meta, how: str) -> None:
@@ -133,12 +137,17 @@ def damage_meta(meta, how: str) -> None:
         meta.write_text(text[: len(text) // 2])
     elif how == "not an object":
         meta.write_text("[5, 2]")
+    elif how in ("a string", "null", "true"):
+        meta.write_text(json.dumps({**json.loads(text), "epochs": {"a string": "3", "null": None, "true": True}[how]}))
     else:
         meta.write_text(json.dumps({k: v for k, v in json.loads(text).items() if k != "batch_size"}))
 
 
 @pytest.mark.parametrize("how,said", [("truncated", "is damaged ("), ("not an object", "is damaged (not a JSON object)"),
-                                      ("incomplete", "lacks batch_size (incomplete, or made by an older version)")])
+                                      ("incomplete", "lacks batch_size (incomplete, or made by an older version)"),
+                                      ("a string", "is damaged (epochs is '3', not a positive integer)"),
+                                      ("null", "is damaged (epochs is None, not a positive integer)"),
+                                      ("true", "is damaged (epochs is True, not a positive integer)")])
 def test_a_damaged_or_incomplete_meta_json_is_one_line(tiny, tmp_path, capsys, how, said):
     data, teacher = tiny
     store = tmp_path / "store"
@@ -199,7 +208,8 @@ def test_temporaries_of_dead_processes_are_removed(tiny, tmp_path):
     (store / f".{META_NAME}.tmp{dead}").write_text('{"batch_size": 5')
     (store / ".lock").write_text(f"{dead} {socket.gethostname()}")
     assert match(data, teacher, store) == 0
-    assert sorted(p.name for p in store.iterdir()) == ["epoch_0000.safetensors", "epoch_0001.safetensors", META_NAME]
+    assert sorted(p.name for p in store.iterdir()) == ["epoch_0000.safetensors", "epoch_0001.safetensors",
+                                                      "images.txt", META_NAME]
     epoch_file(store, 1).unlink()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -208,7 +218,7 @@ def test_temporaries_of_dead_processes_are_removed(tiny, tmp_path):
         (store / f".epoch_0001.safetensors.tmp{dead}").write_bytes(b"half an epoch")
         assert match(data, teacher, store) == 0
         assert sorted(p.name for p in store.iterdir()) == [live.name, "epoch_0000.safetensors",
-                                                           "epoch_0001.safetensors", META_NAME]
+                                                           "epoch_0001.safetensors", "images.txt", META_NAME]
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -224,7 +234,8 @@ def test_epoch_files_have_the_permissions_of_meta_json(tiny, tmp_path, umask):
     finally:
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in store.iterdir()}
-    assert modes == dict.fromkeys([META_NAME, "epoch_0000.safetensors", "epoch_0001.safetensors"], 0o666 & ~umask)
+    assert modes == dict.fromkeys([META_NAME, "images.txt", "epoch_0000.safetensors", "epoch_0001.safetensors"],
+                                  0o666 & ~umask)
 
 
 def test_a_failure_in_a_log_file_is_the_error_line_alone(tiny, tmp_path):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import types
 
 import pytest
 import torch
@@ -46,7 +48,7 @@ def test_resume_ends_with_the_same_weights(tiny, tmp_path, capsys, device):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("final: top-1 ")
 
     module = load_script(TRAIN)
-    real, checkpoints = module.save, []
+    real, checkpoints = module.save_torch, []
 
     def interrupted(obj, path):  # stopped as epoch 2's checkpoint is written, after epoch 1's
         checkpoints.append(path.name == "checkpoint.pth.tar")
@@ -54,7 +56,7 @@ def test_resume_ends_with_the_same_weights(tiny, tmp_path, capsys, device):
             raise KeyboardInterrupt
         return real(obj, path)
 
-    module.save = interrupted
+    module.save_torch = interrupted
     with pytest.raises(KeyboardInterrupt):
         module.main([str(a) for a in train_args(data, store, tmp_path / "resumed", *common)])
     assert torch.load(tmp_path / "resumed" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
@@ -230,6 +232,12 @@ def error_line(capsys) -> str:
     return err[0]
 
 
+def edited(checkpoint, path, **changes):
+    """A copy of a checkpoint with some entries replaced, as a hand-edited or hand-made file would have them."""
+    torch.save({**torch.load(checkpoint, weights_only=True), **changes}, path)
+    return path
+
+
 def test_a_checkpoint_that_cannot_be_resumed_is_one_line_naming_it(tiny, tmp_path, capsys):
     """Damaged, not a checkpoint, or of a run with other settings (architecture, class count, epochs): refused in
     one line that names the file, before any work, writing nothing; what may change on resume (-j,
@@ -254,6 +262,9 @@ def test_a_checkpoint_that_cannot_be_resumed_is_one_line_naming_it(tiny, tmp_pat
         (ckpt, ["--model", "resnet18"], "--model convnet there, resnet18 here"),
         (ckpt, ["--epochs", 3], "--epochs 2 there, 3 here"),
         (other / "checkpoint.pth.tar", [], "the class count 4 there, 3 here"),
+        (edited(ckpt, tmp_path / "list.pth.tar", settings=[1, 2]), [], "is damaged (its settings is not"),
+        (edited(ckpt, tmp_path / "x.pth.tar", epoch="x"), [], "is damaged (its epoch is not"),
+        (edited(ckpt, tmp_path / "late.pth.tar", epoch=500), [], "is at epoch 500, past --epochs 2"),
     ]
     for path, extra, says in cases:
         capsys.readouterr()
@@ -321,3 +332,33 @@ def test_bad_numbers_are_one_line(tiny, tmp_path, capsys, flag, value):
     assert run_script(TRAIN, args) == 2
     assert flag in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_and_biases_gets_settings_only_and_the_key_is_kept_nowhere(tiny, tmp_path, monkeypatch):
+    """--wandb with a key on the command line: the key is used to log in, but neither sent in the run's config nor
+    written to any output; no local path is sent; the run is finished."""
+    data, store = tiny
+    calls = []
+
+    class Run:
+        def log(self, row):
+            calls.append(("log", row))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    wandb = types.ModuleType("wandb")
+    wandb.login = lambda key: calls.append(("login", key))
+    wandb.init = lambda project, config: calls.append(("init", project, config)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    out = tmp_path / "out"
+    assert run_script(TRAIN, train_args(data, store, out, "--epochs", 2, "--device", "cpu", "--wandb",
+                                        "--wandb-api-key", "SECRET-KEY-123")) == 0
+    assert calls[0] == ("login", "SECRET-KEY-123") and calls[-1] == ("finish",)
+    (_, project, config), = [c for c in calls if c[0] == "init"]
+    assert project == "d4m" and config["epochs"] == 2 and config["model"] == "convnet"
+    sent = json.dumps(config)
+    assert "SECRET" not in sent and str(tmp_path) not in sent
+    assert [c[1]["epoch"] for c in calls if c[0] == "log"] == [0, 1]
+    for path in out.rglob("*"):
+        assert b"SECRET-KEY-123" not in path.read_bytes(), path

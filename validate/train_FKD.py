@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, PROTOCOLS, UsageError, add_device_args,
-                     check_crop_scales, cli, non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
+                     check_crop_scales, cli, finite_float, non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
 
 SCHEDULES = ("linear", "cosine", "half-cosine")
 
@@ -55,9 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a torchvision model with its default ImageNet weights as the teacher (protocol online)")
     p.add_argument("--mixup", type=positive_float, default=0.8, help="MixUp's Beta parameter (protocols online, hard)")
     p.add_argument("--cutmix", type=positive_float, default=1.0, help="CutMix's Beta parameter (protocols online, hard)")
-    p.add_argument("--min-scale-crops", type=float, default=0.08, help="(protocols online, hard)")
+    p.add_argument("--min-scale-crops", type=finite_float, default=0.08, help="(protocols online, hard)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (protocols online, hard)")
-    p.add_argument("--max-scale-crops", type=float, default=1.0, help="(protocols online, hard)")
+    p.add_argument("--max-scale-crops", type=finite_float, default=1.0, help="(protocols online, hard)")
     p.add_argument("--seeds", type=positive_int, default=1,
                    help="train this many students, seeds --seed .. --seed+N-1 (online and hard also shift --fkd_seed), "
                         "each in OUTPUT_DIR/seed<k> when N > 1, and report mean and std of their final top-1")
@@ -116,12 +116,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
 from d4m import fkd, labelcheck, views
-from d4m.checkpoint import CHECKPOINT, Student, Training, plan_students, resume, save, state_of, write_metrics
+from d4m.checkpoint import CHECKPOINT, Student, Training, plan_students, resume, state_of, write_metrics
 from d4m.data import ImageFolderDataset, check_same_classes, read_class_list, val_dataset
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
 from d4m.models import build_model, check_input_size
-from d4m.outputs import atomic_path, check_writable, exclusive_run
+from d4m.outputs import atomic_path, check_writable, exclusive_run, save_torch
 from d4m.runtime import Progress, Setup, init_distributed
 from d4m.targets import build_targets
 
@@ -301,11 +301,11 @@ def train_student(setup: Setup, labels, source, val_loader: DataLoader, student:
             if top1 >= best:
                 best = top1
                 if rank == 0:
-                    save({"model": net.state_dict(), "epoch": epoch + 1, "top1": top1}, out / "model_best.pth.tar")
+                    save_torch({"model": net.state_dict(), "epoch": epoch + 1, "top1": top1}, out / "model_best.pth.tar")
         if rank == 0:
             row["seconds"] = time.time() - began
             metrics.append(row)
-            save(state_of(run, epoch + 1, best, device, student.settings, metrics), out / CHECKPOINT)
+            save_torch(state_of(run, epoch + 1, best, device, student.settings, metrics), out / CHECKPOINT)
             write_metrics(out / "metrics.jsonl", metrics)
             if logger is not None:
                 logger.log(row)
