@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="top-1 of the architecture trained on the whole real training set with hard labels, for the "
                         "hard-label recovery score (default: the teacher file's, for the teacher's architecture)")
     p.add_argument("--no-label-check", action="store_true", help="passed to matching")
+    p.add_argument("--score-per-class", type=non_negative_int, default=1000,
+                   help="real training images per class (a seeded sample) the sets' coverage and Fréchet distance "
+                        "are measured against, in the teacher's feature space; 0: no scores")
     p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--nproc", type=positive_int, default=1, help="run each stage under torchrun with this many processes")
@@ -93,10 +96,16 @@ def parse_set(text: str) -> tuple[str, list[Path]]:
 if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
     cli(parse_args)(None)
 
-from d4m.data import ImageFolderDataset
+import torch
+from torch.utils.data import Subset
+
+from d4m.data import ImageFolderDataset, train_dataset
+from d4m.device import pick_device
 from d4m.figures import as_text, mean_std
-from d4m.models import load_teacher_file
+from d4m.labelcheck import eval_transform
+from d4m.models import load_teacher, load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive
+from d4m.scores import dataset_features, set_scores
 
 REPO = Path(__file__).resolve().parent.parent
 MATCH = REPO / "matching" / "generate_soft_label.py"
@@ -240,7 +249,30 @@ def scores(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(rows: list[dict], score_rows: list[dict]) -> str:
+def measure_sets(args: argparse.Namespace) -> dict[str, dict]:
+    """Each set's coverage of a seeded sample of the real training images and its Fréchet distance to them, overall
+    and per class, in the teacher's penultimate features (a set of several folders: the mean over its folders)."""
+    device = pick_device(args.device)
+    teacher, record = load_teacher(args.teacher_path, args.arch, 0, None, device, "")
+    transform = eval_transform(record["input_size"], record["mean"], record["std"])
+    real = train_dataset(args.dataset, args.data_dir, transform)
+    targets = torch.as_tensor(real.targets)
+    gen = torch.Generator().manual_seed(0)
+    picks = [i for c in range(int(targets.max()) + 1)
+             for i in (targets == c).nonzero().flatten()[torch.randperm(int((targets == c).sum()), generator=gen)]
+             [:args.score_per_class].tolist()]
+    real_feats, real_labels = dataset_features(teacher, Subset(real, picks), device, args.workers)
+    out = {}
+    for name, folders in args.sets.items():
+        runs = [set_scores(real_feats, real_labels, *dataset_features(teacher, ImageFolderDataset(f, transform),
+                                                                             device, args.workers)) for f in folders]
+        out[name] = {key: (sum(r[key] for r in runs) / len(runs) if not isinstance(runs[0][key], list) else
+                           [sum(vals) / len(vals) for vals in zip(*(r[key] for r in runs))]) for key in runs[0]}
+        print(f"{name}: coverage {out[name]['coverage']:.1f} %, Fréchet distance {out[name]['frechet']:.1f}", flush=True)
+    return out
+
+
+def markdown(rows: list[dict], score_rows: list[dict], in_features: dict[str, dict]) -> str:
     lines = ["| method | model | protocol | IPC | top-1 % (mean ± std) | runs |", "|---|---|---|---|---|---|"]
     for r in rows:
         runs = " / ".join(f"{v:.2f}" for v in r["runs"])
@@ -252,6 +284,9 @@ def markdown(rows: list[dict], score_rows: list[dict]) -> str:
         for s in score_rows:
             cells = [f"{s[k]:.2f}" if k in s and math.isfinite(s[k]) else "—" for k in keys]
             lines.append(f"| {s['method']} | {s['model']} | " + " | ".join(cells) + " |")
+    if in_features:
+        lines += ["", "| method | coverage % | Fréchet distance |", "|---|---|---|"]
+        lines += [f"| {name} | {s['coverage']:.1f} | {s['frechet']:.1f} |" for name, s in in_features.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -272,11 +307,13 @@ def evaluate_all(args: argparse.Namespace) -> None:
                 print(f"{name} {model} {protocol}: top-1 "
                       f"{as_text(rows[-1]['top1_mean'], rows[-1]['top1_std'], len(runs))}", flush=True)
     score_rows = scores(args, rows)
+    in_features = measure_sets(args) if args.score_per_class and (args.teacher_path or args.arch) else {}
     out = Path(args.output)
     with atomic_path(out / "results.json") as tmp:
-        tmp.write_text(json.dumps({"dataset": args.dataset, "rows": rows, "scores": score_rows}, indent=1))
+        tmp.write_text(json.dumps({"dataset": args.dataset, "rows": rows, "scores": score_rows,
+                                   "set_scores": in_features}, indent=1))
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(markdown(rows, score_rows))
+        tmp.write_text(markdown(rows, score_rows, in_features))
     print(f"table: {out / 'results.md'}")
 
 

@@ -52,14 +52,18 @@ from d4m.outputs import atomic_path, check_writable_file
 
 CELL = 64  # pixels per image in the picture of the set
 GAP = 12
-LABELS = {"d4m": "D4M images", "random": "random real", "nearest": "real nearest to the prototypes"}
-COLOURS = {"d4m": "tab:blue", "random": "tab:orange", "nearest": "tab:green"}
+LABELS = {"d4m": "D4M images", "random": "random real", "nearest": "real nearest to the prototypes",
+          "mode": "D4M + mode guidance", "select": "D4M + candidate selection", "groups": "D4M, group-sampled prototypes",
+          "combined": "D4M, groups + selection"}
+COLOURS = {"d4m": "tab:blue", "random": "tab:orange", "nearest": "tab:green", "mode": "tab:purple",
+           "select": "tab:red", "groups": "tab:brown", "combined": "tab:olive"}
 MARKERS = {"fkd": "o", "online": "s", "hard": "^"}
 PROTOCOL_LABELS = {"fkd": "stored soft labels", "online": "online soft labels", "hard": "hard labels"}
 
 
-def read_evals(folders: list[str]) -> tuple[list[dict], list[dict]]:
-    rows, scores = [], []
+def read_evals(folders: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The evaluations' rows (a student's figures), scores against random real, and sets' feature scores."""
+    rows, scores, in_features = [], [], []
     for folder in folders:
         path = Path(folder) / "results.json"
         if not path.is_file():
@@ -68,7 +72,9 @@ def read_evals(folders: list[str]) -> tuple[list[dict], list[dict]]:
         ipc = result["rows"][0]["ipc"] if result["rows"] else None
         rows += result["rows"]
         scores += [{**score, "ipc": ipc} for score in result["scores"]]
-    return rows, scores
+        in_features += [{"method": name, "ipc": ipc, "coverage": s["coverage"], "frechet": s["frechet"]}
+                        for name, s in result.get("set_scores", {}).items()]
+    return rows, scores, in_features
 
 
 @torch.no_grad()
@@ -229,11 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("output_json", "curve", "models_figure", "figure"):
         if getattr(args, flag):
             check_writable_file(getattr(args, flag), "--" + flag.replace("_", "-"))
-    rows, scores = read_evals(args.evals)
+    rows, scores, in_features = read_evals(args.evals)
     if not rows:
         raise UsageError("the evaluation folders hold no results")
     top1, record = teacher_top1(args)
-    result = {"dataset": args.dataset, "rows": rows, "scores": scores,
+    result = {"dataset": args.dataset, "rows": rows, "scores": scores, "set_scores": in_features,
               "teacher": {"arch": record["arch"], "top1": top1}, "seconds": args.seconds}
     with atomic_path(args.output_json) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
@@ -249,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(args.figure) as tmp:
             image.save(tmp, format="PNG")
     print(markdown(rows, top1, record["arch"]))
+    if in_features:
+        print("\n| IPC | set | coverage % of the real training images | Fréchet distance to them |\n|---|---|---|---|")
+        for s in sorted(in_features, key=lambda s: (s["ipc"], s["method"])):
+            print(f"| {s['ipc']} | {LABELS.get(s['method'], s['method'])} | {s['coverage']:.1f} | {s['frechet']:.1f} |")
     written = [p for p in (args.output_json, args.curve, args.figure) if p]
     print("\nwritten: " + ", ".join(written))
 

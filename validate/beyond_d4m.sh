@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Beyond D4M on the Fashion-MNIST chain: the faithful D4M set, each training-free option alone, their combination,
+# and the real baselines, trained under one protocol and scored in the teacher's feature space.
+#   bash validate/beyond_d4m.sh                         # IPC 2 and 10, three seeds, stored soft labels
+#   IPCS="1 5" PROTOCOLS=fkd,hard bash validate/beyond_d4m.sh
+# Sets (d4m/launch.sh's environment applies: OUT_DIR, NPROC, PYTHON):
+#   d4m       the faithful chain (k-means prototypes, img2img)
+#   mode      + mode guidance (MGD3): --mode_guidance $MODE_LAMBDA for the first 25 of 50 steps
+#   select    + candidate selection (CaO2): $CANDIDATES candidates per slot, the teacher keeps a diverse right set
+#   groups    group-sampled prototypes (after D3HR) in place of k-means centres
+#   combined  groups + select
+#   random    $SEEDS random draws of real images; nearest: the real image nearest each k-means prototype
+# Every set is trained by validate/evaluate.py with the demo's recipe (ConvNet, 150 epochs, batch 50, T 20); the
+# report goes to $OUT_DIR/results_beyond.json and the pictures to FIGURES (default OUT_DIR).
+source "$(dirname "$0")/../d4m/launch.sh" fashion_mnist
+IPCS=${IPCS:-2 10}
+SEEDS=${SEEDS:-3}
+PROTOCOLS=${PROTOCOLS:-fkd}
+MODE_LAMBDA=${MODE_LAMBDA:-0.5}
+CANDIDATES=${CANDIDATES:-4}
+FIGURES=${FIGURES:-$OUT_DIR}
+export D4M_CPU_NOTED=1
+echo "== every stage takes this machine's GPU when torch can use one, else the CPU (this chain is sized for a CPU)"
+SELECT=(--candidates "$CANDIDATES" --select diverse --teacher_path "$TEACHER")
+syn() { echo "$OUT_DIR/syn/${1}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1$2"; }
+
+start=$(date +%s)
+EVALS=()
+for IPC in $IPCS; do
+    echo "== IPC $IPC: prototypes (k-means, groups), six syntheses, the real baselines"
+    [ -e "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" ] || prototypes --size 32 --ipc "$IPC"
+    [ -e "$OUT_DIR/prototypes/fashion_mnist_groups-ipc$IPC-kmexpand1.safetensors" ] || \
+        prototypes --size 32 --ipc "$IPC" --kmeans groups
+    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors"
+    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" \
+        --mode_guidance "$MODE_LAMBDA" --mode_guidance_stop 25
+    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" \
+        "${SELECT[@]}"
+    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist_groups-ipc$IPC-kmexpand1.safetensors"
+    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist_groups-ipc$IPC-kmexpand1.safetensors" \
+        "${SELECT[@]}"
+    RANDOM_SETS=""
+    for seed in $(seq 0 $(( SEEDS - 1 ))); do
+        SET=$OUT_DIR/syn/real_fashion_mnist_ipc${IPC}_seed$seed
+        [ -e "$SET/classes.json" ] || "$PY" distillation/sample_real.py --dataset fashion_mnist --data-dir "$DATA_DIR" \
+            --select random --seed "$seed" --ipc "$IPC" --output "$SET"
+        RANDOM_SETS=${RANDOM_SETS:+$RANDOM_SETS,}$SET
+    done
+    NEAREST=$OUT_DIR/syn/nearest_fashion_mnist_ipc$IPC
+    [ -e "$NEAREST/classes.json" ] || "$PY" distillation/sample_real.py --dataset fashion_mnist --data-dir "$DATA_DIR" \
+        --select nearest --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" \
+        --output "$NEAREST"
+    echo "== IPC $IPC: matching, students ($PROTOCOLS, $SEEDS seeds) and the sets' scores"
+    "$PY" validate/evaluate.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
+        --set "d4m=$(syn fashion_mnist)" --set "mode=$(syn fashion_mnist _mg${MODE_LAMBDA}-25)" \
+        --set "select=$(syn fashion_mnist "_c$CANDIDATES-diverse")" --set "groups=$(syn fashion_mnist_groups)" \
+        --set "combined=$(syn fashion_mnist_groups "_c$CANDIDATES-diverse")" \
+        --set "random=$RANDOM_SETS" --set "nearest=$NEAREST" \
+        --models convnet --protocols "$PROTOCOLS" --seeds "$SEEDS" --nproc "${NPROC:-1}" --epochs 150 -b 50 \
+        --input-size 32 -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/beyond_ipc$IPC"
+    EVALS+=("$OUT_DIR/eval/beyond_ipc$IPC")
+done
+"$PY" validate/report.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
+    --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_beyond.json" --curve "$FIGURES/beyond_d4m_curve.png" \
+    --seconds $(( $(date +%s) - start ))
+echo "whole comparison: $(( $(date +%s) - start )) s"
