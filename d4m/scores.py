@@ -73,7 +73,8 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     cov_b = np.cov(b, rowvar=False) if len(b) > 1 else np.zeros((b.shape[1],) * 2)
     root_a = _psd_sqrt(cov_a)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+    distance = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross
+    return max(float(distance), 0.0)  # rounding can leave a tiny negative for two equal sets
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ def test_one_command_gives_every_row_and_score(tmp_path, capsys):
     random_sets = [make_image_folder(tmp_path / f"random{k}", classes=3, per_class=4, size=32, seed=7 + k) / "train"
                    for k in range(2)]  # one draw per seed
     out = tmp_path / "eval"
-    argv = ["--set", f"d4m={data / 'train'}", "--set", f"random={random_sets[0]},{random_sets[1]}", "--val-dir", data / "val",
+    argv = ["--set", f"d4m={data / 'train'}", "--set", f"random={random_sets[0]},{random_sets[1]}", "--data-dir", data,
             "--teacher-path", teacher, "--models", "convnet,resnet18_modified", "--protocols", "fkd,hard,online",
             "--seeds", 2,
             "--epochs", 2, "--batch-size", 5, "--input-size", 32, "-j", 0, "--device", "cpu", "--no-label-check",
@@ -47,6 +47,11 @@ def test_one_command_gives_every_row_and_score(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| d4m | convnet | fkd | 4 |" in table and "| random | resnet18_modified | hard | 4 |" in table
     assert "ior_hard" in table
+    # the "d4m" set here is the real training set itself: it covers all of it, at Fréchet distance 0
+    in_features = result["set_scores"]
+    assert in_features["d4m"]["coverage"] == 100 and in_features["d4m"]["frechet"] == pytest.approx(0, abs=1e-3)
+    assert in_features["random"]["frechet"] > 1e-3 and len(in_features["random"]["coverage_per_class"]) == 3
+    assert "| d4m | 100.0 | 0.0 |" in table
     capsys.readouterr()
     assert run_script(SCRIPT, argv) == 0  # a rerun reads the finished runs back
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]

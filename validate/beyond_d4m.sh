@@ -12,9 +12,9 @@
 #   random    $SEEDS random draws of real images; nearest: the real image nearest each k-means prototype
 # Every set is trained by validate/evaluate.py with the demo's recipe (ConvNet, 150 epochs, batch 50, T 20); the
 # report goes to $OUT_DIR/results_beyond.json and the pictures to FIGURES (default OUT_DIR).
+SEEDS=${SEEDS:-3}  # before d4m/launch.sh, whose default is 1
 source "$(dirname "$0")/../d4m/launch.sh" fashion_mnist
 IPCS=${IPCS:-2 10}
-SEEDS=${SEEDS:-3}
 PROTOCOLS=${PROTOCOLS:-fkd}
 MODE_LAMBDA=${MODE_LAMBDA:-0.5}
 CANDIDATES=${CANDIDATES:-4}
@@ -22,7 +22,7 @@ FIGURES=${FIGURES:-$OUT_DIR}
 export D4M_CPU_NOTED=1
 echo "== every stage takes this machine's GPU when torch can use one, else the CPU (this chain is sized for a CPU)"
 SELECT=(--candidates "$CANDIDATES" --select diverse --teacher_path "$TEACHER")
-syn() { echo "$OUT_DIR/syn/${1}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1$2"; }
+syn() { echo "$OUT_DIR/syn/${1}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1${2:-}"; }  # NAME [SUFFIX]
 
 start=$(date +%s)
 EVALS=()

@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "hard-label recovery score (default: the teacher file's, for the teacher's architecture)")
     p.add_argument("--no-label-check", action="store_true", help="passed to matching")
     p.add_argument("--score-per-class", type=non_negative_int, default=1000,
-                   help="real training images per class (a seeded sample) the sets' coverage and Fréchet distance "
-                        "are measured against, in the teacher's feature space; 0: no scores")
+                   help="real training images per class (a seeded sample of --data-dir's) the sets' coverage and "
+                        "Fréchet distance are measured against, in the teacher's feature space; 0: no scores")
     p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--nproc", type=positive_int, default=1, help="run each stage under torchrun with this many processes")
@@ -307,7 +307,7 @@ def evaluate_all(args: argparse.Namespace) -> None:
                 print(f"{name} {model} {protocol}: top-1 "
                       f"{as_text(rows[-1]['top1_mean'], rows[-1]['top1_std'], len(runs))}", flush=True)
     score_rows = scores(args, rows)
-    in_features = measure_sets(args) if args.score_per_class and (args.teacher_path or args.arch) else {}
+    in_features = measure_sets(args) if args.score_per_class and args.data_dir and (args.teacher_path or args.arch) else {}
     out = Path(args.output)
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps({"dataset": args.dataset, "rows": rows, "scores": score_rows,
