@@ -11,9 +11,20 @@ from d4m.kmeans import group_sample
 from d4m.models import build_model, save_teacher
 from d4m.scores import coverage, frechet
 from d4m.selection import Scored, keep_confident, keep_diverse
-from test_synthesis import FOLDER, SCRIPT, args, images, prototypes, reference  # noqa: F401 (fixtures)
+from test_synthesis import FOLDER, SCRIPT, args, images, make_prototypes, make_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def prototypes(tmp_path_factory):
+    return make_prototypes(tmp_path_factory.mktemp("protos"))
+
+
+@pytest.fixture(scope="module")
+def reference(prototypes, tiny_sd, tmp_path_factory):
+    """The faithful images, which λ = 0 and candidate 0 must reproduce."""
+    return make_reference(prototypes, tiny_sd, tmp_path_factory.mktemp("faithful"))
 
 
 @pytest.fixture(scope="module")

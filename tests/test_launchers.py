@@ -399,3 +399,26 @@ def test_the_training_launcher_resumes_the_run_its_folder_holds(recorder, tmp_pa
         assert resumes() and not resumes("--overwrite")
         assert resumes("--resume", "other.pth.tar") and recorded(log)[-1][-2:] == ["--resume", "other.pth.tar"]
         held.unlink()
+
+
+def test_the_beyond_d4m_comparison_trains_every_set_under_one_protocol(recorder, tmp_path):
+    """validate/beyond_d4m.sh: per IPC, k-means and group-sampled prototypes, the faithful synthesis and each
+    option (and their combination), the real baselines, and one evaluation of all seven sets."""
+    python, log = recorder
+    env = launcher_env(PYTHON=python, ARGV_LOG=log, OUT_DIR="/o", DATA_DIR="/d", IPCS="2", SEEDS=2)
+    run = run_bash("validate/beyond_d4m.sh", env, tmp_path)
+    assert run.returncode == 0, run.stderr
+    argvs = recorded(log)
+    assert [a[0] for a in argvs] == ["distillation/gen_prototype.py"] * 2 + ["distillation/gen_syn_image.py"] * 5 + [
+        "distillation/sample_real.py"] * 3 + ["validate/evaluate.py", "validate/report.py"]
+    assert flag(argvs[1], "--kmeans") == "groups"
+    assert flag(argvs[3], "--mode_guidance") == "0.5" and flag(argvs[4], "--candidates") == "4"
+    evaluate = argvs[-2]
+    sets = [v for k, v in zip(evaluate, evaluate[1:]) if k == "--set"]
+    syn = "/o/syn/fashion_mnist{}_ipc2_2_s0.7_g8.0_kmexpand1{}"
+    assert sets == [f"d4m={syn.format('', '')}", f"mode={syn.format('', '_mg0.5-25')}",
+                    f"select={syn.format('', '_c4-diverse')}", f"groups={syn.format('_groups', '')}",
+                    f"combined={syn.format('_groups', '_c4-diverse')}",
+                    "random=/o/syn/real_fashion_mnist_ipc2_seed0,/o/syn/real_fashion_mnist_ipc2_seed1",
+                    "nearest=/o/syn/nearest_fashion_mnist_ipc2"]
+    assert flag(evaluate, "--seeds") == "2" and flag(evaluate, "--protocols") == "fkd"

@@ -16,12 +16,16 @@ PROMPTS = ["a red fish", "a green bird", "a blue car"]
 FOLDER = "imagefolder_ipc2_4_s0.7_g8.0_kmexpand1"
 
 
-@pytest.fixture(scope="module")
-def prototypes(tmp_path_factory):
-    path = tmp_path_factory.mktemp("protos") / "imagefolder-ipc2-kmexpand1.safetensors"
+def make_prototypes(folder):
+    path = folder / "imagefolder-ipc2-kmexpand1.safetensors"
     tensor = torch.randn(3, 2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     save_prototypes(path, PROMPTS, tensor)
     return path
+
+
+@pytest.fixture(scope="module")
+def prototypes(tmp_path_factory):
+    return make_prototypes(tmp_path_factory.mktemp("protos"))
 
 
 def args(protos, sd, out, *extra):
@@ -34,10 +38,8 @@ def images(root):
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
 
 
-@pytest.fixture(scope="module")
-def reference(prototypes, tiny_sd, tmp_path_factory):
+def make_reference(prototypes, tiny_sd, out):
     """One run with batch size 3: the images every other run must reproduce byte for byte."""
-    out = tmp_path_factory.mktemp("syn-b3")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -45,6 +47,11 @@ def reference(prototypes, tiny_sd, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return images(out / FOLDER)
+
+
+@pytest.fixture(scope="module")
+def reference(prototypes, tiny_sd, tmp_path_factory):
+    return make_reference(prototypes, tiny_sd, tmp_path_factory.mktemp("syn-b3"))
 
 
 def test_layout_sorts_in_class_order(reference):
