@@ -18,8 +18,8 @@ DIFFUSION_DTYPES = ("float16", "bfloat16", "float32")  # the diffusion weights' 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # a classifier's autocast
 MIX_TYPES = ("mixup", "cutmix", "None")
 PROTOCOLS = ("fkd", "online", "hard")  # where a student's soft labels come from (validate/)
-LOADERS = ("tensor", "pil")
-SELECTIONS = ("confidence", "diverse")  # stage 2's candidate selection rules (d4m.selection)  # where FKD's views are cropped and resized (d4m.views)
+LOADERS = ("tensor", "pil")  # where FKD's views are cropped and resized (d4m.views)
+SELECTIONS = ("confidence", "diverse")  # stage 2's candidate selection rules (d4m.selection)
 DIST_TIMEOUT_MINUTES = 180
 
 WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,

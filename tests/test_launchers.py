@@ -422,3 +422,7 @@ def test_the_beyond_d4m_comparison_trains_every_set_under_one_protocol(recorder,
                     "random=/o/syn/real_fashion_mnist_ipc2_seed0,/o/syn/real_fashion_mnist_ipc2_seed1",
                     "nearest=/o/syn/nearest_fashion_mnist_ipc2"]
     assert flag(evaluate, "--seeds") == "2" and flag(evaluate, "--protocols") == "fkd"
+    run = run_bash("validate/beyond_d4m.sh", {**env, "SETS": "d4m groups"}, tmp_path)
+    assert run.returncode == 0, run.stderr
+    evaluate = [a for a in recorded(log) if a[0] == "validate/evaluate.py"][-1]
+    assert [v.split("=")[0] for k, v in zip(evaluate, evaluate[1:]) if k == "--set"] == ["d4m", "groups"]

@@ -78,6 +78,7 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
                           "--gradient-accumulation-steps", 2, "--device", "cpu", "--keep-topk", 2)
         result = run_torchrun(TRAIN, args, nproc=nproc)
         assert result.returncode == 0, result.stderr[-2000:]
+        assert "Warning" not in result.stderr, result.stderr[-2000:]  # e.g. DDP's deprecated broadcast_buffers
     one, two = (weights(tmp_path / f"p{n}" / "checkpoint.pth.tar") for n in (1, 2))
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5)
@@ -172,6 +173,7 @@ def test_online_protocol_under_torchrun_matches_one_process(tmp_path):
                 "--teacher-path", teacher]
         result = run_torchrun(TRAIN, args, nproc=nproc)
         assert result.returncode == 0, result.stderr[-2000:]
+        assert "Warning" not in result.stderr, result.stderr[-2000:]  # e.g. DDP's deprecated broadcast_buffers
     one, two = (weights(tmp_path / f"p{n}" / "checkpoint.pth.tar") for n in (1, 2))
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5)

@@ -2,7 +2,7 @@
 # Beyond D4M on the Fashion-MNIST chain: the faithful D4M set, each training-free option alone, their combination,
 # and the real baselines, trained under one protocol and scored in the teacher's feature space.
 #   bash validate/beyond_d4m.sh                         # IPC 2 and 10, three seeds, stored soft labels
-#   IPCS="1 5" PROTOCOLS=fkd,hard bash validate/beyond_d4m.sh
+#   IPCS="1 5" PROTOCOLS=fkd,hard SETS="d4m groups random" bash validate/beyond_d4m.sh
 # Sets (d4m/launch.sh's environment applies: OUT_DIR, NPROC, PYTHON):
 #   d4m       the faithful chain (k-means prototypes, img2img)
 #   mode      + mode guidance (MGD3): --mode_guidance $MODE_LAMBDA for the first 25 of 50 steps
@@ -18,6 +18,7 @@ IPCS=${IPCS:-2 10}
 PROTOCOLS=${PROTOCOLS:-fkd}
 MODE_LAMBDA=${MODE_LAMBDA:-0.5}
 CANDIDATES=${CANDIDATES:-4}
+SETS=${SETS:-d4m mode select groups combined random nearest}  # which of them to train and score
 FIGURES=${FIGURES:-$OUT_DIR}
 export D4M_CPU_NOTED=1
 echo "== every stage takes this machine's GPU when torch can use one, else the CPU (this chain is sized for a CPU)"
@@ -51,11 +52,13 @@ for IPC in $IPCS; do
         --select nearest --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" \
         --output "$NEAREST"
     echo "== IPC $IPC: matching, students ($PROTOCOLS, $SEEDS seeds) and the sets' scores"
-    "$PY" validate/evaluate.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
-        --set "d4m=$(syn fashion_mnist)" --set "mode=$(syn fashion_mnist _mg${MODE_LAMBDA}-25)" \
-        --set "select=$(syn fashion_mnist "_c$CANDIDATES-diverse")" --set "groups=$(syn fashion_mnist_groups)" \
-        --set "combined=$(syn fashion_mnist_groups "_c$CANDIDATES-diverse")" \
-        --set "random=$RANDOM_SETS" --set "nearest=$NEAREST" \
+    declare -A FOLDERS=([d4m]=$(syn fashion_mnist) [mode]=$(syn fashion_mnist "_mg${MODE_LAMBDA}-25")
+                        [select]=$(syn fashion_mnist "_c$CANDIDATES-diverse") [groups]=$(syn fashion_mnist_groups)
+                        [combined]=$(syn fashion_mnist_groups "_c$CANDIDATES-diverse") [random]=$RANDOM_SETS
+                        [nearest]=$NEAREST)
+    EVAL_SETS=()
+    for set in $SETS; do EVAL_SETS+=(--set "$set=${FOLDERS[$set]}"); done
+    "$PY" validate/evaluate.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" "${EVAL_SETS[@]}" \
         --models convnet --protocols "$PROTOCOLS" --seeds "$SEEDS" --nproc "${NPROC:-1}" --epochs 150 -b 50 \
         --input-size 32 -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/beyond_ipc$IPC"
     EVALS+=("$OUT_DIR/eval/beyond_ipc$IPC")

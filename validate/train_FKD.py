@@ -254,7 +254,8 @@ def train_student(setup: Setup, labels, source, val_loader: DataLoader, student:
     top1 = topk = None
     k = min(5, meta["num_classes"])
 
-    for epoch in Progress(range(start, args.epochs), "training", rank, initial=start, total=args.epochs):
+    epochs = Progress(range(start, args.epochs), "training", rank, initial=start, total=args.epochs, unit="epochs")
+    for epoch in epochs:
         began = time.time()
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         # replay the epoch's plan: the same views, flips and mixes as matching, in the same batches
