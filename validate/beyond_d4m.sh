@@ -11,59 +11,74 @@
 #   combined  groups + select
 #   random    $SEEDS random draws of real images; nearest: the real image nearest each k-means prototype
 # Every set is trained by validate/evaluate.py with the demo's recipe (ConvNet, 150 epochs, batch 50, T 20); the
-# report goes to $OUT_DIR/results_beyond.json and the pictures to FIGURES (default OUT_DIR).
+# report goes to $OUT_DIR/results_$EVAL.json (EVAL default beyond) and the curve to FIGURES (default OUT_DIR).
 SEEDS=${SEEDS:-3}  # before d4m/launch.sh, whose default is 1
 source "$(dirname "$0")/../d4m/launch.sh" fashion_mnist
 IPCS=${IPCS:-2 10}
 PROTOCOLS=${PROTOCOLS:-fkd}
 MODE_LAMBDA=${MODE_LAMBDA:-0.5}
 CANDIDATES=${CANDIDATES:-4}
-SETS=${SETS:-d4m mode select groups combined random nearest}  # which of them to train and score
+SETS=${SETS:-d4m mode select groups combined random nearest}  # which of them to make, train and score
+EVAL=${EVAL:-beyond}  # names the evaluation folders ($OUT_DIR/eval/${EVAL}_ipc<IPC>) and the report
 FIGURES=${FIGURES:-$OUT_DIR}
 export D4M_CPU_NOTED=1
 echo "== every stage takes this machine's GPU when torch can use one, else the CPU (this chain is sized for a CPU)"
 SELECT=(--candidates "$CANDIDATES" --select diverse --teacher_path "$TEACHER")
 syn() { echo "$OUT_DIR/syn/${1}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1${2:-}"; }  # NAME [SUFFIX]
 
+prototype_file() {  # k-means or groups: the file of this IPC, made when missing
+    local name=fashion_mnist flags=()
+    if [ "$1" = groups ]; then name=fashion_mnist_groups flags=(--kmeans groups); fi
+    local file=$OUT_DIR/prototypes/$name-ipc$IPC-kmexpand1.safetensors
+    [ -e "$file" ] || prototypes --size 32 --ipc "$IPC" "${flags[@]}" >&2
+    echo "$file"
+}
+
+make_set() {  # SET: make it at this IPC (what exists is kept) and print NAME=FOLDER[,FOLDER...] for evaluate.py
+    local folders=""
+    case $1 in
+        d4m|mode|select) local kmeans; kmeans=$(prototype_file kmeans) ;;&
+        groups|combined) local grouped; grouped=$(prototype_file groups) ;;&
+        d4m) synthesis --image_size 32 --ipc "$IPC" --prototype_path "$kmeans" >&2
+             folders=$(syn fashion_mnist) ;;
+        mode) synthesis --image_size 32 --ipc "$IPC" --prototype_path "$kmeans" --mode_guidance "$MODE_LAMBDA" \
+                  --mode_guidance_stop 25 >&2
+              folders=$(syn fashion_mnist "_mg$MODE_LAMBDA-25") ;;
+        select) synthesis --image_size 32 --ipc "$IPC" --prototype_path "$kmeans" "${SELECT[@]}" >&2
+                folders=$(syn fashion_mnist "_c$CANDIDATES-diverse") ;;
+        groups) synthesis --image_size 32 --ipc "$IPC" --prototype_path "$grouped" >&2
+                folders=$(syn fashion_mnist_groups) ;;
+        combined) synthesis --image_size 32 --ipc "$IPC" --prototype_path "$grouped" "${SELECT[@]}" >&2
+                  folders=$(syn fashion_mnist_groups "_c$CANDIDATES-diverse") ;;
+        random) for seed in $(seq 0 $(( SEEDS - 1 ))); do
+                    local draw=$OUT_DIR/syn/real_fashion_mnist_ipc${IPC}_seed$seed
+                    [ -e "$draw/classes.json" ] || "$PY" distillation/sample_real.py --dataset fashion_mnist \
+                        --data-dir "$DATA_DIR" --select random --seed "$seed" --ipc "$IPC" --output "$draw" >&2
+                    folders=${folders:+$folders,}$draw
+                done ;;
+        nearest) folders=$OUT_DIR/syn/nearest_fashion_mnist_ipc$IPC
+                 [ -e "$folders/classes.json" ] || "$PY" distillation/sample_real.py --dataset fashion_mnist \
+                     --data-dir "$DATA_DIR" --select nearest --prototype_path "$(prototype_file kmeans)" \
+                     --output "$folders" >&2 ;;
+        *) echo "error: unknown set '$1' in SETS; choose from d4m mode select groups combined random nearest" >&2
+           exit 2 ;;
+    esac
+    echo "$1=$folders"
+}
+
 start=$(date +%s)
 EVALS=()
 for IPC in $IPCS; do
-    echo "== IPC $IPC: prototypes (k-means, groups), six syntheses, the real baselines"
-    [ -e "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" ] || prototypes --size 32 --ipc "$IPC"
-    [ -e "$OUT_DIR/prototypes/fashion_mnist_groups-ipc$IPC-kmexpand1.safetensors" ] || \
-        prototypes --size 32 --ipc "$IPC" --kmeans groups
-    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors"
-    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" \
-        --mode_guidance "$MODE_LAMBDA" --mode_guidance_stop 25
-    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" \
-        "${SELECT[@]}"
-    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist_groups-ipc$IPC-kmexpand1.safetensors"
-    synthesis --image_size 32 --ipc "$IPC" --prototype_path "$OUT_DIR/prototypes/fashion_mnist_groups-ipc$IPC-kmexpand1.safetensors" \
-        "${SELECT[@]}"
-    RANDOM_SETS=""
-    for seed in $(seq 0 $(( SEEDS - 1 ))); do
-        SET=$OUT_DIR/syn/real_fashion_mnist_ipc${IPC}_seed$seed
-        [ -e "$SET/classes.json" ] || "$PY" distillation/sample_real.py --dataset fashion_mnist --data-dir "$DATA_DIR" \
-            --select random --seed "$seed" --ipc "$IPC" --output "$SET"
-        RANDOM_SETS=${RANDOM_SETS:+$RANDOM_SETS,}$SET
-    done
-    NEAREST=$OUT_DIR/syn/nearest_fashion_mnist_ipc$IPC
-    [ -e "$NEAREST/classes.json" ] || "$PY" distillation/sample_real.py --dataset fashion_mnist --data-dir "$DATA_DIR" \
-        --select nearest --prototype_path "$OUT_DIR/prototypes/fashion_mnist-ipc$IPC-kmexpand1.safetensors" \
-        --output "$NEAREST"
-    echo "== IPC $IPC: matching, students ($PROTOCOLS, $SEEDS seeds) and the sets' scores"
-    declare -A FOLDERS=([d4m]=$(syn fashion_mnist) [mode]=$(syn fashion_mnist "_mg${MODE_LAMBDA}-25")
-                        [select]=$(syn fashion_mnist "_c$CANDIDATES-diverse") [groups]=$(syn fashion_mnist_groups)
-                        [combined]=$(syn fashion_mnist_groups "_c$CANDIDATES-diverse") [random]=$RANDOM_SETS
-                        [nearest]=$NEAREST)
+    echo "== IPC $IPC: the sets $SETS"
     EVAL_SETS=()
-    for set in $SETS; do EVAL_SETS+=(--set "$set=${FOLDERS[$set]}"); done
+    for set in $SETS; do EVAL_SETS+=(--set "$(make_set "$set")"); done
+    echo "== IPC $IPC: matching, students ($PROTOCOLS, $SEEDS seeds) and the sets' scores"
     "$PY" validate/evaluate.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" "${EVAL_SETS[@]}" \
         --models convnet --protocols "$PROTOCOLS" --seeds "$SEEDS" --nproc "${NPROC:-1}" --epochs 150 -b 50 \
-        --input-size 32 -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/beyond_ipc$IPC"
-    EVALS+=("$OUT_DIR/eval/beyond_ipc$IPC")
+        --input-size 32 -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/${EVAL}_ipc$IPC"
+    EVALS+=("$OUT_DIR/eval/${EVAL}_ipc$IPC")
 done
 "$PY" validate/report.py --dataset fashion_mnist --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
-    --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_beyond.json" --curve "$FIGURES/beyond_d4m_curve.png" \
+    --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_$EVAL.json" --curve "$FIGURES/${EVAL}_curve.png" \
     --seconds $(( $(date +%s) - start ))
 echo "whole comparison: $(( $(date +%s) - start )) s"
