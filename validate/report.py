@@ -130,6 +130,7 @@ def curve(rows: list[dict], teacher: float, teacher_arch: str, path: str) -> Non
     ax.axhline(teacher, color="grey", linestyle="--", label=f"teacher ({teacher_arch}), all training images")
     ax.set_xscale("log")
     ax.set_xticks(ipcs, [str(i) for i in ipcs])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # the IPCs alone, no 3x10^0 between them
     ax.set_xlabel("images per class (IPC)")
     ax.set_ylabel("top-1 % on the real test set")
     ax.set_title(f"{model} students, mean ± std over seeds")
