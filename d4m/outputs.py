@@ -49,10 +49,10 @@ def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
     lock = Path(lock)
     while True:
         created = not lock.parent.exists()
-        lock.parent.mkdir(parents=True, exist_ok=True)
         try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
-        except FileNotFoundError:  # a run that made the folder for its lock has just removed it again
+        except (FileNotFoundError, FileExistsError):  # a run that made the folder for its lock is removing it
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
