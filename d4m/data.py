@@ -347,7 +347,8 @@ def train_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = N
     raise UsageError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
-def val_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = None, val_dir: str | None = None) -> Dataset:
+def val_dataset(dataset: str, data_dir: str, transform: Optional[Callable] = None,
+                val_dir: str | None = None) -> Dataset:
     """The real validation/test split used to report accuracy: the ImageFolder `val_dir` when given, else the
     dataset's own."""
     if val_dir:

@@ -102,14 +102,14 @@ def run(setup: Setup, teacher: nn.Module, record: dict, data: ImageFolderDataset
         raise UsageError(f"{args.data}/classes.json lists other class folders than {args.data} holds; regenerate "
                          "the set or remove classes.json")
     transform = eval_transform(args.input_size, record["mean"], record["std"])
-    scores = [per_class_top1(teacher, ImageFolderDataset(args.data, transform), classes, setup.device,
-                                        setup.amp, args.workers)]
+    synthetic = per_class_top1(teacher, ImageFolderDataset(args.data, transform), classes, setup.device, setup.amp,
+                               args.workers)
+    real = None
     if args.val_dir or args.data_dir:
         val = val_dataset(args.dataset or "imagefolder", args.data_dir, transform, val_dir=args.val_dir)
         if len(val.classes) != classes:
             raise UsageError(f"the validation split has {len(val.classes)} classes but {args.data} has {classes}")
-        scores.append(per_class_top1(teacher, val, classes, setup.device, setup.amp, args.workers))
-    synthetic, real = scores[0], scores[1] if len(scores) > 1 else None
+        real = per_class_top1(teacher, val, classes, setup.device, setup.amp, args.workers)
     check(synthetic, real, name_mismatch(record.get("classes"), class_list), classes)
     names = [str(row["name"]) for row in class_list] if class_list else data.classes
     print(report(synthetic, real, names, classes), flush=True)

@@ -6,12 +6,15 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import re
 import stat
 from pathlib import Path
 from typing import Callable, Iterator
+
+import torch
 
 from d4m.cli import UsageError, is_plain_name
 from d4m.runtime import together
@@ -132,10 +135,6 @@ def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
 
 def save_torch(obj, path: str | os.PathLike) -> None:
     """torch.save, serialised in memory, then written by `write_bytes`."""
-    import io
-
-    import torch
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getbuffer())
@@ -177,8 +176,8 @@ TEMPORARY = re.compile(r"\..+\.(?:tmp|build)(\d+)")  # atomic writes' and gen_pr
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Remove from `folder` the temporary files (`.NAME.tmpPID`, `.NAME.buildPID`) of processes that are gone. A PID says nothing
-    about another machine's processes: call this only while holding the folder's lock."""
+    """Remove from `folder` the temporary files (`.NAME.tmpPID`, `.NAME.buildPID`) of processes that are gone. A PID
+    says nothing about another machine's processes: call this only while holding the folder's lock."""
     folder = Path(folder)
     if not folder.is_dir():
         return

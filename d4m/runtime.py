@@ -94,8 +94,9 @@ QUIET_SECONDS = 10
 class Progress:
     """The progress of a long loop, on rank 0: a tqdm bar on a terminal; where stderr is not a terminal (a log
     file, nohup), a line at every tenth of the way or after a minute without one, so that a log shows how far a
-    run is without bar redraws (none in the first QUIET_SECONDS: a short loop needs no account). Inner loops (`leave=False`) draw a bar on a terminal and write no lines to a log.
-    Iterate over it, or call `update` (as a context manager)."""
+    run is without bar redraws (none in the first QUIET_SECONDS: a short loop needs no account). Inner loops
+    (`leave=False`) draw a bar on a terminal and write no lines to a log. Iterate over it, or call `update` (as a
+    context manager)."""
 
     def __init__(self, iterable: Iterable | None = None, desc: str = "", rank: int = 0, total: int | None = None,
                  initial: int = 0, leave: bool = True, unit: str = "it"):

@@ -204,18 +204,26 @@ def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: l
             future.result()
 
 
-def keep_candidates(args: argparse.Namespace, names: list[str], final: dict[tuple[int, int], Path], pool: Path,
-                    device: torch.device) -> None:
-    """For each class whose images are not all in place: score its candidates with the teacher, copy the --ipc kept
-    ones into place as the class's images, and say what was kept and why (also in selection.json)."""
+def candidate_folder(root: Path) -> Path:
+    """Where the candidates wait for the selection: a hidden folder beside the set."""
+    return root.with_name(f".{root.name}.candidates")
+
+
+def candidate_path(root: Path, image: Path, slot: int, candidate: int) -> Path:
+    return candidate_folder(root) / image.parent.name / f"{slot}_{candidate}.png"
+
+
+def keep_candidates(args: argparse.Namespace, names: list[str], root: Path, final: dict[tuple[int, int], Path],
+                    classes: list[int], device: torch.device) -> None:
+    """For each of `classes`: score its candidates with the teacher, copy the --ipc kept ones into place as the
+    class's images, and say what was kept and why (also in selection.json)."""
     teacher, record = load_teacher(args.teacher_path, args.teacher_arch, len(names), None, device,
                                    f"the set has {len(names)}")
-    log = final[0, 0].parents[1] / "selection.json"
+    log = root / "selection.json"
     rows = json.loads(log.read_text()) if log.is_file() else {}
-    for c, name in enumerate(names):
-        if all(final[c, j].exists() for j in range(args.ipc)):
-            continue
-        paths = [pool / final[c, 0].parent.name / f"{j}_{k}.png" for j in range(args.ipc) for k in range(args.candidates)]
+    for c in classes:
+        name = names[c]
+        paths = [candidate_path(root, final[c, j], j, k) for j in range(args.ipc) for k in range(args.candidates)]
         scored = score_candidates(teacher, record, paths, c, device)
         kept = keep_confident(scored, args.candidates) if args.select == "confidence" else keep_diverse(scored, args.ipc)
         for j, i in enumerate(kept):
@@ -227,7 +235,7 @@ def keep_candidates(args: argparse.Namespace, names: list[str], final: dict[tupl
               f"right), confidence {row['confidence']:.3f}, diversity {row['diversity']:.3f}", flush=True)
         with atomic_path(log) as tmp:
             tmp.write_text(json.dumps(rows, indent=1))
-    shutil.rmtree(pool, ignore_errors=True)
+    shutil.rmtree(candidate_folder(root), ignore_errors=True)
 
 
 def my_share(todo: list[Job], rank: int, world: int) -> list[Job]:
@@ -265,12 +273,12 @@ def main(argv: list[str] | None = None) -> None:
                          f"{args.prototype_path}; use a multiple of {protos.per_class}")
     root = output_dir(args, protos)
     final = {(c, j): image_path(root, c, j, len(prompts), args.ipc) for c in range(len(prompts)) for j in range(args.ipc)}
-    pool = root.with_name(f".{root.name}.candidates")  # candidates wait here for the selection
+    unfinished = [c for c in range(len(prompts)) if not all(final[c, j].exists() for j in range(args.ipc))]
     if args.candidates == 1:
         jobs = [Job(c, j, 0, path) for (c, j), path in final.items()]
     else:
-        jobs = [Job(c, j, k, pool / path.parent.name / f"{j}_{k}.png") for (c, j), path in final.items()
-                if not all(final[c, i].exists() for i in range(args.ipc)) for k in range(args.candidates)]
+        jobs = [Job(c, j, k, candidate_path(root, final[c, j], j, k)) for c in unfinished for j in range(args.ipc)
+                for k in range(args.candidates)]
     dtype = str(pipeline_dtype(device, args.dtype)).removeprefix("torch.")
     names = protos.class_names or [str(c) for c in range(len(prompts))]
     check_writable(root, "--save_init_image_path")
@@ -289,8 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             synthesize(args, pipe, protos, prompts, todo, device, rank)
         barrier()
         if rank == 0:
-            if args.candidates > 1:
-                keep_candidates(args, names, final, pool, device)
+            if args.candidates > 1 and unfinished:
+                keep_candidates(args, names, root, final, unfinished, device)
             write_class_list(root, names, prompts)
             print(f"{len(prompts)} classes x {args.ipc} images in {root}")
 

@@ -257,10 +257,10 @@ def measure_sets(args: argparse.Namespace) -> dict[str, dict]:
     transform = eval_transform(record["input_size"], record["mean"], record["std"])
     real = train_dataset(args.dataset, args.data_dir, transform)
     targets = torch.as_tensor(real.targets)
-    gen = torch.Generator().manual_seed(0)
-    picks = [i for c in range(int(targets.max()) + 1)
-             for i in (targets == c).nonzero().flatten()[torch.randperm(int((targets == c).sum()), generator=gen)]
-             [:args.score_per_class].tolist()]
+    gen, picks = torch.Generator().manual_seed(0), []
+    for c in range(int(targets.max()) + 1):
+        members = (targets == c).nonzero().flatten()
+        picks += members[torch.randperm(len(members), generator=gen)][:args.score_per_class].tolist()
     real_feats, real_labels = dataset_features(teacher, Subset(real, picks), device, args.workers)
     out = {}
     for name, folders in args.sets.items():

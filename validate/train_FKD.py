@@ -120,6 +120,7 @@ from d4m.checkpoint import CHECKPOINT, Student, Training, plan_students, resume,
 from d4m.data import ImageFolderDataset, check_same_classes, read_class_list, val_dataset
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
+from d4m.figures import mean_std
 from d4m.models import build_model, check_input_size
 from d4m.outputs import atomic_path, check_writable, exclusive_run, save_torch
 from d4m.runtime import Progress, Setup, init_distributed
@@ -320,10 +321,8 @@ def train_student(setup: Setup, labels, source, val_loader: DataLoader, student:
 
 
 def summary(args: argparse.Namespace, runs: list[dict], num_images: int, num_classes: int) -> dict:
-    """The figures of all runs and their final-epoch top-1 as mean and sample standard deviation (None for one)."""
-    top1 = [run["top1"] for run in runs]
-    mean = sum(top1) / len(top1)
-    std = math.sqrt(sum((v - mean) ** 2 for v in top1) / (len(top1) - 1)) if len(top1) > 1 else None
+    """The figures of all runs and their final-epoch top-1 as mean and sample standard deviation (0 for one)."""
+    mean, std = mean_std([run["top1"] for run in runs])
     topk = next(key for key in runs[0] if key.startswith("top") and key != "top1")
     return {"protocol": args.protocol, "model": args.model, "epochs": args.epochs, "ipc": num_images // num_classes,
             "runs": runs, "top1_mean": mean, "top1_std": std, "top1": mean,
