@@ -1,5 +1,4 @@
-"""Per-class prototypes for stage 1: the original's mini-batch k-means, a full-batch Lloyd k-means in torch, and
-group sampling (beyond D4M, after D3HR).
+"""Per-class prototypes for stage 1: the original's mini-batch k-means and a full-batch Lloyd k-means in torch.
 
 Each takes one class's flattened latents [n, features] in the order they were encoded and returns `ipc` prototypes;
 `inertia` scores them all the same way.
@@ -88,30 +87,10 @@ def inertia(latents: torch.Tensor, centres: np.ndarray | torch.Tensor, device: t
     return float(((x.to(wide) - c.to(wide)[nearest]) ** 2).sum())
 
 
-GROUPS = 256  # candidate groups drawn per class by group sampling
-
-
-def group_sample(latents: torch.Tensor, ipc: int, seed: int, label: int, groups: int = GROUPS) -> np.ndarray:
-    """Group sampling, after D3HR (Zhao et al., ICML 2025): of `groups` random sets of `ipc` of the class's own
-    latents, the one whose per-feature mean and spread are nearest the class's. k-means centres are averages, so
-    their spread is smaller than the class's; a group keeps real latents and is chosen to cover the class as a
-    whole (with one prototype, the latent nearest the class mean in the same measure)."""
-    x = latents.double()
-    mean, std = x.mean(0), x.std(0) if len(x) > 1 else torch.zeros(x.shape[1], dtype=x.dtype)
-    picks = torch.stack([torch.randperm(len(x), generator=seeded_generator(seed, label, g))[:ipc]
-                         for g in range(groups)])
-    chosen = x[picks]  # [groups, ipc, features]
-    spread = chosen.std(1, unbiased=True) if ipc > 1 else torch.zeros_like(chosen[:, 0])
-    gap = ((chosen.mean(1) - mean) ** 2).mean(1) + ((spread - std) ** 2).mean(1)
-    return latents[picks[int(gap.argmin())]].numpy()
-
-
 def class_centres(method: str, latents: torch.Tensor, ipc: int, km_expand: int, seed: int, label: int,
                   device: torch.device) -> tuple[np.ndarray, float]:
     """One class's [ipc, features] prototypes by `method` and their inertia on the class's latents."""
-    if method == "groups":
-        centres = group_sample(latents, ipc, seed, label)
-    elif method == "full":
+    if method == "full":
         centres = full_centres(latents, ipc, seed, label, device)
     else:
         centres = faithful_centres(latents.numpy(), ipc, km_expand)

@@ -24,9 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--km_expand", type=positive_int, default=10, help="k-means mini-batch = km_expand * ipc latents")
     parser.add_argument("--kmeans", type=str, default="faithful", choices=KMEANS_METHODS,
                         help="faithful: the original's per-class MiniBatchKMeans fed km_expand*ipc latents at a time; "
-                             "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device; "
-                             "groups (beyond D4M, after D3HR, ICML 2025): of 256 random groups of ipc real latents, "
-                             "the one whose mean and spread match the class's (default name: DATASET_groups)")
+                             "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device")
     parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None, help="one prompt per class, in class order")
     parser.add_argument("--num_workers", type=non_negative_int, default=4)
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
@@ -141,7 +139,6 @@ def main(argv: list[str] | None = None) -> None:
         name, count = class_names[small[0]], len(members[small[0]])
         raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
     name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
-    name = name if args.name or args.kmeans != "groups" else f"{name}_groups"  # not the k-means file's name
     out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
     check_writable_file(out, "--save_prototype_path")
     # diffusers loads here, once the inputs are checked
