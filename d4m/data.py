@@ -159,7 +159,8 @@ def check_class_names(root: Path, classes: list[str]) -> None:
 
 
 class ImageFolderDataset(Dataset):
-    """Class folders of images, classes in sorted folder order (torchvision's ImageFolder layout)."""
+    """Class folders of images, classes in sorted folder order (torchvision's ImageFolder layout). Hidden folders
+    are no classes: a set downloaded from the Hugging Face hub holds .cache/ (huggingface_hub) or .git/."""
 
     EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif"}
 
@@ -167,7 +168,7 @@ class ImageFolderDataset(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise UsageError(f"image folder {root} does not exist")
-        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise UsageError(f"image folder {root} has no class folders; expected {root}/<class>/<image>")
         check_class_names(root, self.classes)
