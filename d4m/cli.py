@@ -12,14 +12,14 @@ import sys
 from typing import Callable, NoReturn
 
 DATASETS = ("imagenet", "tiny_imagenet", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
-KMEANS_METHODS = ("faithful", "full", "groups")
+KMEANS_METHODS = ("faithful", "full")
 PROTOTYPE_FORMATS = ("safetensors", "json")
 DIFFUSION_DTYPES = ("float16", "bfloat16", "float32")  # the diffusion weights' dtypes
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # a classifier's autocast
 MIX_TYPES = ("mixup", "cutmix", "None")
 PROTOCOLS = ("fkd", "online", "hard")  # where a student's soft labels come from (validate/)
 LOADERS = ("tensor", "pil")  # where FKD's views are cropped and resized (d4m.views)
-SELECTIONS = ("confidence", "diverse")  # stage 2's candidate selection rules (d4m.selection)
+RESIZE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest")  # PIL resampling filters of saved images
 DIST_TIMEOUT_MINUTES = 180
 
 WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
@@ -144,3 +144,28 @@ def cli(main: Callable) -> Callable:
                 dist.destroy_process_group()
 
     return wrapper
+
+
+def add_generator_args(parser: argparse.ArgumentParser, guidance_scale: float) -> None:
+    """The flags every image generator of distillation/ shares: the diffusion model, the classes and their prompts,
+    the set's size and place, the seed, the sampler's steps and guidance, the saved images."""
+    parser.add_argument("--diffusion_checkpoints_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                        help="local diffusers folder or hub id")
+    parser.add_argument("--dataset", default="imagenet", choices=DATASETS)
+    parser.add_argument("--label_file_path", "--label-file-path", default=None, help="one prompt per class, in class order")
+    parser.add_argument("--ipc", type=positive_int, default=10, help="images per class")
+    parser.add_argument("--seed", type=seed_int, default=0, help="image j of class c draws from generators seeded by "
+                                                                 "(seed, class, j)")
+    parser.add_argument("--save_init_image_path", default="outputs/syn", help="the set is a folder in this one")
+    parser.add_argument("--name", type=plain_name, default=None,
+                        help="names the set's folder (default: the dataset, or the image folder's name)")
+    parser.add_argument("--num_inference_steps", type=positive_int, default=50, help="the sampler's schedule")
+    parser.add_argument("--guidance_scale", "-g", type=non_negative_float, default=guidance_scale,
+                        help="classifier-free guidance against the empty prompt; at most 1 turns it off")
+    parser.add_argument("--size", type=positive_int, default=512, help="the generator's image side (SD-1.5: 512)")
+    parser.add_argument("--image_size", type=positive_int, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--resize_filter", default="lanczos", choices=RESIZE_FILTERS, help="PIL filter of that resize")
+    parser.add_argument("--batch_size", type=positive_int, default=10, help="images per sampler call")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DIFFUSION_DTYPES),
+                        help="weights and activations; auto: float16 on CUDA, float32 elsewhere")
+    add_device_args(parser)

@@ -53,6 +53,7 @@ class EmbeddingCache:
         self.pipe, self.negative, self.guidance = pipe, negative, guidance
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
+    @torch.no_grad()
     def __call__(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if prompt not in self.cache:
             negative = [self.negative] if self.guidance else None
@@ -162,3 +163,18 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
     pipe.set_progress_bar_config(disable=True)
     use_sdpa(pipe)
     return pipe.to(device)
+
+
+def load_sampler(path: str, device: torch.device, dtype: str, scheduler: str):
+    """The successors' StableDiffusionSamplerPipeline from `path`, its scheduler replaced by the diffusers scheduler
+    class named `scheduler`, built from the checkpoint's scheduler configuration (same training schedule)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+    from scripts.pipeline_stable_diffusion_sampler import StableDiffusionSamplerPipeline
+
+    cls = getattr(diffusers, scheduler, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise UsageError(f"--scheduler {scheduler} is not a diffusers scheduler class; use e.g. DDPMScheduler")
+    pipe = load_pipeline(StableDiffusionSamplerPipeline, path, device, dtype=dtype)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe

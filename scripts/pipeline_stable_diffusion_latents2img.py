@@ -61,9 +61,6 @@ class StableDiffusionLatents2ImgPipeline(StableDiffusionImg2ImgPipeline):
         negative_prompt_embeds: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        mode_latents: Optional[torch.Tensor] = None,
-        mode_scale: float = 0.0,
-        mode_stop: int = 0,
     ) -> Union[StableDiffusionPipelineOutput, tuple]:
         """Generate one image per latent.
 
@@ -72,12 +69,6 @@ class StableDiffusionLatents2ImgPipeline(StableDiffusionImg2ImgPipeline):
         `noisy_latents` of StableDiffusionGenLatentsPipeline). `prompt`: one string for all or one per
         latent; or pass precomputed `prompt_embeds` [B,77,D] (and `negative_prompt_embeds`).
         `generator`: one per latent for results that do not depend on the batch.
-
-        Mode guidance (MGD3, Chan-Santiago et al., ICML 2025): with `mode_scale` λ > 0, every step whose timestep
-        lies in the first `mode_stop` of the `num_inference_steps` steps moves the denoised latent towards its mode
-        `mode_latents` [B,4,h,w] (clean scaled latents, here the prototypes): latents -= λ σ_t (x̂0 - mode), where
-        x̂0 is the step's prediction of the clean latent and σ_t the noise scale of a stochastic (DDPM, η = 1) step
-        from t to the next timestep. λ = 0 leaves the images unchanged.
         """
         if latents is None or latents.ndim != 4:
             raise ValueError("latents must be a [batch, channels, height, width] tensor")
@@ -98,9 +89,6 @@ class StableDiffusionLatents2ImgPipeline(StableDiffusionImg2ImgPipeline):
         latents = latents.to(device=device, dtype=embeds.dtype)
 
         step_kwargs = self.prepare_extra_step_kwargs(generator, 0.0)
-        guide_above = self.scheduler.config.num_train_timesteps * (1 - mode_stop / num_inference_steps)
-        if mode_scale > 0:
-            mode_latents = mode_latents.to(device=device, dtype=torch.float32)
         with self.progress_bar(total=len(timesteps)) as bar:
             for t in timesteps:
                 model_input = torch.cat([latents] * 2) if guidance else latents
@@ -109,24 +97,9 @@ class StableDiffusionLatents2ImgPipeline(StableDiffusionImg2ImgPipeline):
                 if guidance:
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
-                before = latents
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-                if mode_scale > 0 and t > guide_above:
-                    latents = self._guide_to_mode(before, latents, noise_pred, t, mode_latents, mode_scale)
                 bar.update()
         return self._decode(latents, output_type, embeds.dtype, return_dict)
-
-    def _guide_to_mode(self, before: torch.Tensor, after: torch.Tensor, noise_pred: torch.Tensor, t: torch.Tensor,
-                       mode: torch.Tensor, scale: float) -> torch.Tensor:
-        """One step of mode guidance: `after` (the step's result from `before` at timestep t) moved by
-        -scale * sigma_t * (x0_hat - mode)."""
-        alphas = self.scheduler.alphas_cumprod
-        stride = self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
-        alpha = alphas[int(t)].double()
-        alpha_next = alphas[int(t) - stride].double() if int(t) >= stride else self.scheduler.final_alpha_cumprod.double()
-        sigma = ((1 - alpha_next) / (1 - alpha) * (1 - alpha / alpha_next)).sqrt().item()
-        predicted = (before.float() - (1 - alpha).sqrt().item() * noise_pred.float()) / alpha.sqrt().item()
-        return (after.float() - scale * sigma * (predicted - mode)).to(after.dtype)
 
     def _decode(self, latents: torch.Tensor, output_type: str, dtype: torch.dtype, return_dict: bool):
         if output_type == "latent":
