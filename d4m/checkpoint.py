@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from d4m.cli import UsageError, first_line
-from d4m.outputs import atomic_path, check_settings
+from d4m.outputs import atomic_path, check_confined, check_settings, load_torch
 from d4m.runtime import together
 
 CHECKPOINT = "checkpoint.pth.tar"
@@ -77,7 +77,7 @@ def load(path: Path, settings: dict) -> dict:
     """The checkpoint at `path`, refused in one line when it does not load, is not one of train_FKD.py's, is
     malformed, or is of a run with other settings."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path)
     except Exception as err:  # a truncated, damaged or foreign file: torch raises many kinds
         raise UsageError(f"checkpoint {path} does not load ({first_line(err)}); resume from an intact one, "
                          f"{AFRESH}") from err
@@ -119,6 +119,7 @@ def plan_students(args: argparse.Namespace, meta: dict, base: Path, plan_seed: i
             if args.overwrite:
                 for folder in folders:
                     for name in RUN_FILES:
+                        check_confined(folder / name)
                         (folder / name).unlink(missing_ok=True)
             for student in students:
                 path = resume_path(args, student.folder)

@@ -8,18 +8,19 @@ import errno
 import functools
 import io
 import math
+import signal
 import sys
 from typing import Callable, NoReturn
 
 DATASETS = ("imagenet", "tiny_imagenet", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
-KMEANS_METHODS = ("faithful", "full")
+KMEANS_METHODS = ("faithful", "full", "groups")
 PROTOTYPE_FORMATS = ("safetensors", "json")
 DIFFUSION_DTYPES = ("float16", "bfloat16", "float32")  # the diffusion weights' dtypes
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # a classifier's autocast
 MIX_TYPES = ("mixup", "cutmix", "None")
 PROTOCOLS = ("fkd", "online", "hard")  # where a student's soft labels come from (validate/)
 LOADERS = ("tensor", "pil")  # where FKD's views are cropped and resized (d4m.views)
-RESIZE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest")  # PIL resampling filters of saved images
+SELECTIONS = ("confidence", "diverse")  # stage 2's candidate selection rules (d4m.selection)
 DIST_TIMEOUT_MINUTES = 180
 
 WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
@@ -61,6 +62,15 @@ def non_negative_int(text: str) -> int:
 def seed_int(text: str) -> int:
     """argparse type: a seed torch and numpy both take, 0 .. 2**63 - 1."""
     return _number(text, int, lambda v: 0 <= v < 2**63, "an integer from 0 to 2**63 - 1")
+
+
+MAX_SIDE = 4096  # pixels: more than any classifier or SD VAE here takes; a 4096-px float image is 200 MB
+
+
+def image_side(text: str) -> int:
+    """argparse type: the side of a square image in pixels, 1 .. MAX_SIDE (beyond that a model's first pass alone
+    would need terabytes)."""
+    return _number(text, int, lambda v: 1 <= v <= MAX_SIDE, f"a side in pixels from 1 to {MAX_SIDE}")
 
 
 def finite_float(text: str) -> float:
@@ -112,23 +122,46 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def printable(text: str) -> str:
+    """A name as a line of output shows it: as it is, or with its newlines and other control characters escaped
+    (a class folder may be named so)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def one_line(message: str) -> str:
-    """A UsageError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its own line."""
+    """A UsageError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its own line.
+    A name with a newline in it stays on the line."""
     if "Original Traceback" in message:
         message = message.strip().splitlines()[-1].split("UsageError: ", 1)[-1]
-    return message
+    return printable(message)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every lock and temporary file is released on the way out."""
+
+
+def _terminate(signum: int, frame) -> NoReturn:
+    raise Terminated()
+
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
 def cli(main: Callable) -> Callable:
     """Wrap a script's main (or its argument parsing) so that a UsageError, or a write refused by the file system
-    (read-only, full, not a folder), prints one line and exits with status 2."""
+    (read-only, full, not a folder), prints one line and exits with status 2; Ctrl-C and SIGTERM print one line
+    and exit with 130 and 143, the run's locks and temporary files released."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         if isinstance(sys.stdout, io.TextIOWrapper):  # print paths not named in UTF-8 escaped, as stderr does
             sys.stdout.reconfigure(errors="backslashreplace")
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return main(*args, **kwargs)
+        except (KeyboardInterrupt, Terminated) as err:
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(128 + (signal.SIGINT if isinstance(err, KeyboardInterrupt) else signal.SIGTERM))
         except UsageError as err:
             print(f"error: {one_line(str(err))}", file=sys.stderr)
             sys.exit(2)
@@ -139,6 +172,7 @@ def cli(main: Callable) -> Callable:
                   "a writable output folder (what was complete before is kept)", file=sys.stderr)
             sys.exit(2)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             dist = sys.modules.get("torch.distributed")  # only a run that imported torch can hold a process group
             if dist is not None and dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
@@ -164,7 +198,6 @@ def add_generator_args(parser: argparse.ArgumentParser, guidance_scale: float) -
                         help="classifier-free guidance against the empty prompt; at most 1 turns it off")
     parser.add_argument("--size", type=positive_int, default=512, help="the generator's image side (SD-1.5: 512)")
     parser.add_argument("--image_size", type=positive_int, default=224, help="saved images are image_size x image_size")
-    parser.add_argument("--resize_filter", default="lanczos", choices=RESIZE_FILTERS, help="PIL filter of that resize")
     parser.add_argument("--batch_size", type=positive_int, default=10, help="images per sampler call")
     parser.add_argument("--dtype", default="auto", choices=("auto", *DIFFUSION_DTYPES),
                         help="weights and activations; auto: float16 on CUDA, float32 elsewhere")

@@ -7,15 +7,17 @@ import os
 import pickle
 import re
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from d4m.cli import DATASETS, UsageError, first_line
+from d4m import jsonfile
+from d4m.cli import DATASETS, UsageError, first_line, printable
 from d4m.outputs import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +83,7 @@ def check_prompts_name_classes(class_names: list[str], prompts: list[str], label
 
 def describe_prompts(class_names: list[str], prompts: list[str], shown: int = 3) -> str:
     """The first classes and their prompts, for the start of a stage."""
-    pairs = ", ".join(f"{name} -> {prompt!r}" for name, prompt in list(zip(class_names, prompts))[:shown])
+    pairs = ", ".join(f"{printable(name)} -> {prompt!r}" for name, prompt in list(zip(class_names, prompts))[:shown])
     return f"classes and prompts: {pairs}" + (f", ... ({len(prompts)} classes)" if len(prompts) > shown else "")
 
 
@@ -104,10 +106,10 @@ def read_class_list(folder: str | Path) -> Optional[list[dict]]:
     if not path.is_file():
         return None
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["classes"]
+        rows = jsonfile.read(path)["classes"]
         if not all(isinstance(row, dict) and isinstance(row.get("folder"), str) and "name" in row for row in rows):
             raise ValueError("a row without its folder and name")
-    except (ValueError, KeyError, TypeError) as err:  # not JSON, not UTF-8, or not a class list
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, not UTF-8, too deep, or not a class list
         raise UsageError(f"{path} is damaged ({first_line(err)}); regenerate the set, or remove {CLASS_LIST}") from None
     return rows
 
@@ -146,6 +148,26 @@ def image_error(path: str | Path, err: Exception) -> str:
         return (f"image {path} claims more pixels than PIL opens safely ({first_line(err)}); a decompression bomb "
                 "or a damaged header: replace or remove the file")
     return f"cannot read image {path}: {err}; replace or remove the file"
+
+
+def check_images(data: Dataset, indices: Iterable[int] | None = None) -> None:
+    """Decode every image of `data` (those at `indices`) held in a file, on up to 8 threads, so that one a later
+    step would fail on is refused (one line naming it) before the work rather than after. Sets held in memory
+    (CIFAR, Fashion-MNIST) were checked when they were read."""
+    samples = getattr(data, "samples", None)
+    if samples is None:
+        return
+    paths = [samples[i][0] for i in (range(len(samples)) if indices is None else indices)]
+    pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+    try:
+        for _ in pool.map(_decode, paths):
+            pass
+    finally:
+        pool.shutdown(cancel_futures=True)  # a refusal waits for the images being decoded, not for the rest
+
+
+def _decode(path: str) -> None:
+    load_rgb(path)
 
 
 def check_class_names(root: Path, classes: list[str]) -> None:

@@ -4,17 +4,20 @@ diffusers and transformers are imported where they are used, so that a stage loa
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import safe_open
 from torch import nn
 
-from d4m.cli import UsageError
+from d4m import jsonfile
+from d4m.cli import UsageError, first_line
 from d4m.device import DTYPES, compile_unavailable
+from d4m.outputs import load_torch
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -111,22 +114,57 @@ def batch_invariant(pipe, device: torch.device) -> Iterator[None]:
             handle.remove()
 
 
+# the weights each library loads from a component folder: NAME.safetensors (or shards of it), else the .bin
+WEIGHT_FILES = {"diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"),
+                "transformers": ("model.safetensors", "pytorch_model.bin")}
+
+
 def _check_local_folder(cls, folder: Path) -> None:
+    """Before diffusers reads a local checkpoint: its model_index.json lists the pipeline's components, each
+    component is there, and every model's weights open (safetensors headers cover their files; a .bin holds tensors
+    only). Each flaw is one line naming the file."""
     index = folder / "model_index.json"
+    fix = "re-download the checkpoint or save it again with save_pretrained"
     if not index.is_file():
         raise UsageError(
             f"{folder} is not a diffusers Stable Diffusion folder (no model_index.json); "
             "pass a folder written by save_pretrained or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5"
         )
     try:
-        listed = json.loads(index.read_text())
-    except ValueError as err:
-        raise UsageError(f"{index} is not valid JSON ({err}); re-download the checkpoint") from err
+        listed = jsonfile.read(index)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{index} is not valid JSON ({first_line(err)}); {fix}") from None
+    if not isinstance(listed, dict):
+        raise UsageError(f"{index} is not a JSON object of the pipeline's components; {fix}")
+    components = {name: entry for name, entry in listed.items()
+                  if isinstance(entry, list) and len(entry) == 2 and entry[0] is not None}
     required, _ = cls._get_signature_keys(cls)
     missing = [name for name in required if name not in cls._optional_components
-               and (not isinstance(listed.get(name), list) or listed[name][0] is None or not (folder / name).is_dir())]
+               and (name not in components or not (folder / name).is_dir())]
     if missing:
         raise UsageError(f"{folder} is not a Stable Diffusion checkpoint: it lacks {', '.join(missing)}")
+    for name, (library, _) in components.items():
+        if library in WEIGHT_FILES and (folder / name / "config.json").is_file():
+            _check_weights(folder / name, WEIGHT_FILES[library], fix)
+
+
+def _check_weights(component: Path, names: tuple[str, str], fix: str) -> None:
+    safetensors = sorted(component.glob("*.safetensors"))
+    for path in safetensors:
+        try:
+            safe_open(str(path), framework="pt").keys()
+        except (SafetensorError, OSError) as err:
+            raise UsageError(f"{path} is damaged ({first_line(err)}); {fix}") from None
+    if safetensors:
+        return
+    pickled = sorted(component.glob("*.bin"))
+    if not pickled:
+        raise UsageError(f"{component / names[0]} is missing (no weights in {component}); {fix}")
+    for path in pickled:
+        try:
+            load_torch(path, mmap=True)
+        except Exception as err:  # a truncated, damaged or crafted file: torch raises many kinds
+            raise UsageError(f"{path} does not load ({first_line(err)}); {fix}") from None
 
 
 def no_library_bars() -> None:

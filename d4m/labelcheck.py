@@ -14,7 +14,7 @@ import torch.nn as nn
 import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
-from d4m.cli import UsageError
+from d4m.cli import UsageError, printable
 from d4m.data import ImageFolderDataset, read_class_list, val_dataset
 from d4m.device import autocast, memory_format
 from d4m.runtime import Setup
@@ -89,7 +89,7 @@ def report(synthetic: torch.Tensor, real: Optional[torch.Tensor], class_names: l
     if real is not None:
         parts.insert(0, f"teacher top-1 {float(real.nanmean()):.1f}% on the real validation split")
     weakest = synthetic.nan_to_num(101).argsort()[:3].tolist()
-    low = ", ".join(f"{class_names[c]} {float(synthetic[c]):.0f}%" for c in weakest)
+    low = ", ".join(f"{printable(class_names[c])} {float(synthetic[c]):.0f}%" for c in weakest)
     return f"label check: {', '.join(parts)} (chance {100 / classes:.1f}%); weakest synthetic classes: {low}"
 
 

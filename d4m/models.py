@@ -10,7 +10,7 @@ import torchvision
 from d4m.cli import UsageError, first_line
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.device import memory_format
-from d4m.outputs import save_torch
+from d4m.outputs import load_torch, save_torch
 
 EXTRA_ARCHS = ("convnet", "resnet18_modified")
 
@@ -90,7 +90,7 @@ def load_teacher_file(path: str | Path) -> tuple[nn.Module, dict]:
     if not path.is_file():
         raise UsageError(f"teacher file {path} does not exist; make one with matching/train_teacher.py")
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        record = load_torch(path)
         model = build_model(record["arch"], record["num_classes"], record["input_size"])
         model.load_state_dict(record.pop("state_dict"))
     except UsageError:

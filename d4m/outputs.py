@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import stat
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from d4m import jsonfile
 from d4m.cli import UsageError, is_plain_name
 from d4m.runtime import together
 
@@ -43,12 +45,40 @@ def _check_creatable(folder: Path, path: str | os.PathLike, flag: str) -> None:
         raise UsageError(f"{ancestor} is not writable, so {path} cannot be written; choose another {flag}")
 
 
+FOLDER_LOCK = ".lock"  # the lock of an output folder, inside it; a file's is .NAME.lock beside it
+_confined: list[Path] = []  # the output folders this process writes under a lock
+
+
+@contextlib.contextmanager
+def _confined_to(lock: Path) -> Iterator[None]:
+    """While a folder's lock is held, writes under the folder must stay inside it (`check_confined`)."""
+    if lock.name != FOLDER_LOCK:
+        yield
+        return
+    root = Path(os.path.abspath(lock.parent))
+    _confined.append(root)
+    try:
+        yield
+    finally:
+        _confined.remove(root)
+
+
+def check_confined(path: str | os.PathLike) -> None:
+    """A path under a locked output folder whose folder leads elsewhere (a class or seed folder replaced by a
+    symbolic link) is refused before anything is written or removed through it."""
+    path = Path(os.path.abspath(path))
+    for root in _confined:
+        if path.is_relative_to(root) and not path.parent.resolve().is_relative_to(root.resolve()):
+            raise UsageError(f"{path.parent} leads outside the output {root} (through a symbolic link), so {path.name} "
+                             "would be written elsewhere; remove the link or choose another output")
+
+
 @contextlib.contextmanager
 def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
     """Hold the lock file `lock` while writing `what`; a second run that wants it is refused with one line. The
     kernel arbitrates (flock) and releases the lock of a process that dies. The file is removed on release (while
     still held: a taker that opened it just before checks that it locked the file the name still points to), and so
-    is a folder made for it that the run leaves empty."""
+    is a folder made for it that the run leaves empty. While a folder's lock is held, writes stay inside the folder."""
     lock = Path(lock)
     while True:
         created = not lock.parent.exists()
@@ -70,7 +100,8 @@ def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
             pass
         os.close(fd)  # its holder removed it as we opened it: take the file the name points to now
     try:
-        yield
+        with _confined_to(lock):
+            yield
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
@@ -107,6 +138,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds. The file gets the
     permissions of a plain open() under the umask, whatever wrote it (safetensors' writer makes files 0600)."""
     path = Path(path)
+    check_confined(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
@@ -138,6 +170,19 @@ def save_torch(obj, path: str | os.PathLike) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getbuffer())
+
+
+def load_torch(path: str | os.PathLike, mmap: bool = False):
+    """torch.load of tensors and plain values only (weights_only): nothing in the file runs. A file that asks for
+    anything else raises a ValueError saying what it asked for, not PyTorch's advice to load it unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if not str(err).startswith("Weights only load failed"):
+            raise
+        wanted = re.search(r"GLOBAL (\S+)", str(err))
+        raise ValueError(f"it asks for {wanted[1] if wanted else 'a Python object'}, which is no tensor or plain "
+                         "value; refused, since loading it could run code") from None
 
 
 def create_once(path: str | os.PathLike, text: str) -> bool:
@@ -189,12 +234,13 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def exclusive_run(lock: str | os.PathLike, what: str, rank: int, world: int) -> Iterator[None]:
-    """`exclusive` held by rank 0 for the whole run; every process of the run learns of a refusal."""
+    """`exclusive` held by rank 0 for the whole run; every process of the run learns of a refusal, and keeps its
+    writes inside a locked folder."""
     held = contextlib.ExitStack()
     with together(world):
         if rank == 0:
             held.enter_context(exclusive(lock, what))
-    with held:
+    with held, _confined_to(Path(lock)):
         yield
 
 
@@ -254,7 +300,7 @@ def claim_folder(folder: str | os.PathLike, settings: dict, flag: str, write: bo
 
 def _read_manifest(path: Path) -> dict | None:
     try:
-        recorded = json.loads(path.read_text())
+        recorded = jsonfile.read(path)
     except (OSError, ValueError):
         return None
     return recorded if isinstance(recorded, dict) else None

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
+from d4m import jsonfile
 from d4m.cli import UsageError
 from d4m.outputs import check_component
 
@@ -146,9 +147,9 @@ class PrototypeFile:
             else:
                 self._handle = safe_open(str(path), framework="pt")
                 self.metadata = self._handle.metadata() or {}
-                self.prompts = json.loads(self.metadata["prompts"])
+                self.prompts = jsonfile.loads(self.metadata["prompts"])
                 self.shape = tuple(self._handle.get_slice("prototypes").get_shape())
-            self.class_names = json.loads(self.metadata.get("class_names", "null"))
+            self.class_names = jsonfile.loads(self.metadata.get("class_names", "null"))
             if self.class_names is not None and not (isinstance(self.class_names, list) and
                                                      len(self.class_names) == len(self.prompts)):
                 raise ValueError("its class_names are not one name per prompt")
@@ -163,7 +164,7 @@ class PrototypeFile:
                              f"{len(self.prompts)} prompts; regenerate it")
 
     def _load_json(self) -> None:
-        data = json.loads(self.path.read_text(encoding="utf-8"))
+        data = jsonfile.read(self.path, max_bytes=None)  # a JSON prototype file is as large as its set
         if not isinstance(data, dict) or not data:
             raise ValueError("expected a non-empty dict prompt -> [ipc][4][h][w]")
         self.prompts, self.metadata = list(data), {}

@@ -50,16 +50,17 @@ class StoredLabels:
 
     kind = "logits"
 
-    def __init__(self, args: argparse.Namespace, data: ImageFolderDataset, device: torch.device, rank: int, world: int):
+    def __init__(self, args: argparse.Namespace, data: ImageFolderDataset, hw, device: torch.device, rank: int,
+                 world: int):
         self.meta = store.read_meta(args.fkd_path)
         lines = from_rank0(store.image_lines(args.train_dir, data.samples) if rank == 0 else None, world)
         check_store(args, self.meta, data, lines)
         store.check_epochs(args.fkd_path, self.meta, args.epochs)
-        self.path, self.keep, self.device = args.fkd_path, args.keep_topk, device
+        self.path, self.keep, self.device, self.hw = args.fkd_path, args.keep_topk, device, torch.from_numpy(hw)
         self.plan_seed = self.meta["fkd_seed"]
 
     def epoch(self, epoch: int) -> fkd.EpochPlan:
-        self.plan, soft = store.read_epoch(self.path, epoch, self.meta)
+        self.plan, soft = store.read_epoch(self.path, epoch, self.meta, self.hw)
         self.soft = soft.pin() if self.device.type == "cuda" else soft
         return self.plan
 
@@ -133,7 +134,7 @@ def build_targets(args: argparse.Namespace, data: ImageFolderDataset, hw, device
                   amp: torch.dtype | None, rank: int, world: int) -> StoredLabels | TeacherLabels | HardLabels:
     """The label source of --protocol."""
     if args.protocol == "fkd":
-        return StoredLabels(args, data, device, rank, world)
+        return StoredLabels(args, data, hw, device, rank, world)
     if args.protocol == "online":
         return TeacherLabels(args, data, hw, device, amp)
     return HardLabels(args, data, hw, device)

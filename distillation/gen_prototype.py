@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from d4m.cli import (ArgumentParser, DATASETS, KMEANS_METHODS, PROTOTYPE_FORMATS, UsageError, add_device_args, cli,
+from d4m.cli import (ArgumentParser, DATASETS, KMEANS_METHODS, PROTOTYPE_FORMATS, UsageError, add_device_args, cli, image_side,
                      non_negative_int, plain_name, positive_int, seed_int)
 
 
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None, help="one prompt per class, in class order")
     parser.add_argument("--num_workers", type=non_negative_int, default=4)
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
-    parser.add_argument("--size", type=positive_int, default=512, help="images are resized to size x size before encoding")
+    parser.add_argument("--size", type=image_side, default=512, help="images are resized to size x size before encoding")
     parser.add_argument("--seed", type=seed_int, default=0, help="seeds the class shuffles and the posterior samples")
     parser.add_argument("--prototype_format", type=str, default="safetensors", choices=PROTOTYPE_FORMATS)
     parser.add_argument("--name", type=plain_name, default=None,
@@ -141,7 +141,21 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
     out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
     check_writable_file(out, "--save_prototype_path")
-    # diffusers loads here, once the inputs are checked
+    with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):  # before the model
+        if rank == 0:
+            remove_stale_temporaries(out.parent)  # a killed run's .NAME.build<pid>
+        pipe, compiled = load_encoder(args, device)
+        announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
+                 f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
+        if rank == 0:
+            print(describe_prompts(class_names, prompts), flush=True)
+        write_prototypes(Setup(args, device, rank, world), pipe, TrainingSet(data, members, prompts, class_names, name),
+                         out, compiled)
+
+
+def load_encoder(args: argparse.Namespace, device) -> tuple[object, bool]:
+    """The SD pipeline whose VAE encodes the images (diffusers loads here, once the inputs are checked), and
+    whether its encoder is compiled."""
     from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
 
     pipe = load_pipeline(StableDiffusionGenLatentsPipeline, args.diffusion_checkpoints_path, device)
@@ -149,15 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     compiled = args.compile and not compile_unavailable(device)
     if compiled:
         pipe.vae.encoder.compile()
-    announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
-             f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
-    if rank == 0:
-        print(describe_prompts(class_names, prompts), flush=True)
-    with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):
-        if rank == 0:
-            remove_stale_temporaries(out.parent)  # a killed run's .NAME.build<pid>
-        write_prototypes(Setup(args, device, rank, world), pipe, TrainingSet(data, members, prompts, class_names, name),
-                         out, compiled)
+    return pipe, compiled
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from d4m.cli import ArgumentParser, DATASETS, UsageError, cli, positive_int, seed_int
+from d4m.cli import ArgumentParser, DATASETS, UsageError, cli, image_side, positive_int, seed_int
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prototype_path", default=None, help="stage 1's prototype file (with --select nearest)")
     parser.add_argument("--ipc", type=positive_int, default=None,
                         help="images per class (default 10; with --select nearest the prototypes per class)")
-    parser.add_argument("--size", type=positive_int, default=None, help="resize to size x size (default: keep)")
+    parser.add_argument("--size", type=image_side, default=None, help="resize to size x size (default: keep)")
     parser.add_argument("--seed", type=seed_int, default=0, help="seeds the random draw")
     parser.add_argument("--label_file_path", "--label-file-path", default=None, help="prompts recorded in classes.json")
     parser.add_argument("--output", required=True, help="folder to write <class>/<image>.png into")
@@ -39,7 +39,7 @@ if __name__ == "__main__":  # --help, and a bad flag, answered before torch load
 
 import numpy as np
 
-from d4m.data import class_count, resolve_prompts, train_dataset, write_class_list
+from d4m.data import check_images, class_count, resolve_prompts, train_dataset, write_class_list
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable, claim_folder, exclusive, file_digest
 from d4m.runtime import Progress
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         picks = pick_per_class(data.targets, num_classes, args.ipc or 10, args.seed)
     check_writable(args.output, "--output")
+    check_images(data, [index for indices in picks for index in indices])  # a damaged one stops the run before a write
     with exclusive(Path(args.output) / ".lock", f"image folder {args.output}"):
         claim_folder(args.output, draw_settings(args), "--output", write=True)
         write_images(data, picks, Path(args.output), args.size)

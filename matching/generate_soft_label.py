@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, UsageError, add_device_args,
-                     check_crop_scales, cli, finite_float, non_negative_int, positive_float, positive_int, seed_int)
+                     check_crop_scales, cli, finite_float, image_side, non_negative_int, positive_float, positive_int, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("-b", "--batch-size", type=positive_int, default=1024)
     p.add_argument("--epochs", type=positive_int, default=300)
-    p.add_argument("--input-size", type=positive_int, default=224)
+    p.add_argument("--input-size", type=image_side, default=224)
     p.add_argument("--min-scale-crops", type=finite_float, default=0.08)
     p.add_argument("--max-scale-crops", type=finite_float, default=1.0)
     p.add_argument("--fkd-path", required=True, help="soft-label store folder")
@@ -139,6 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     setup = Setup(args, device, rank, world, amp_dtype(args.amp, device, prefer_fp16=args.use_fp16))
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
+        match(setup)
+    if rank == 0:
+        print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
+
+
+def match(setup: Setup) -> None:
+    """Label every epoch's views with the teacher into the store (which this run holds), from its first missing
+    epoch."""
+    args, device, rank, world = setup.args, setup.device, setup.rank, setup.world
 
     # the synthetic set, the teacher, and the store's record of both
     data = ImageFolderDataset(args.data)
@@ -152,32 +162,29 @@ def main(argv: list[str] | None = None) -> None:
     announce("matching", device, precision_name(setup.amp), world, rank, f"teacher {record['arch']}",
              views.describe_cache(hw, shared_by, args.loader))
 
-    with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
-        if rank == 0:
-            remove_stale_temporaries(args.fkd_path)
-        start = store.open_store(args.fkd_path, meta)  # the first epoch missing: a resumed run continues there
-        checked = None
-        with together(world):  # before the first epoch: do teacher, images and prompts share one class order?
-            if not args.no_label_check and rank == 0 and start < args.epochs:
-                checked = labelcheck.run(setup, teacher, record, data)
-        source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
-        teacher = maybe_compile(teacher, device, args.compile, rank)
-
-        # for each epoch: draw the plan (order, crops, flips, mix), label its views, store plan and logits
-        for epoch in Progress(range(start, args.epochs), "matching", rank, initial=start, total=args.epochs,
-                              unit="epochs"):
-            plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, fkd.Recipe.of(args, args.mix_type))
-            with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
-                parts = label_epoch(setup, teacher, source, plan, meta)
-            logits = gather_logits(parts, rank, world)
-            with together(world):
-                if rank == 0 and epoch == start:  # the store is made once every image has decoded and been labelled
-                    create_store(args, meta, checked, lines)
-            if rank == 0:
-                store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
-            barrier()
     if rank == 0:
-        print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
+        remove_stale_temporaries(args.fkd_path)
+    start = store.open_store(args.fkd_path, meta)  # the first epoch missing: a resumed run continues there
+    checked = None
+    with together(world):  # before the first epoch: do teacher, images and prompts share one class order?
+        if not args.no_label_check and rank == 0 and start < args.epochs:
+            checked = labelcheck.run(setup, teacher, record, data)
+    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+    teacher = maybe_compile(teacher, device, args.compile, rank)
+
+    # for each epoch: draw the plan (order, crops, flips, mix), label its views, store plan and logits
+    for epoch in Progress(range(start, args.epochs), "matching", rank, initial=start, total=args.epochs,
+                          unit="epochs"):
+        plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, fkd.Recipe.of(args, args.mix_type))
+        with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
+            parts = label_epoch(setup, teacher, source, plan, meta)
+        logits = gather_logits(parts, rank, world)
+        with together(world):
+            if rank == 0 and epoch == start:  # the store is made once every image has decoded and been labelled
+                create_store(args, meta, checked, lines)
+        if rank == 0:
+            store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
+        barrier()
 
 
 def create_store(args: argparse.Namespace, meta: dict, checked: dict | None, lines: list[str]) -> None:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, PROTOCOLS, UsageError, add_device_args,
-                     check_crop_scales, cli, finite_float, non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
+                     check_crop_scales, cli, finite_float, image_side, non_negative_float, non_negative_int, positive_float, positive_int, seed_int)
 
 SCHEDULES = ("linear", "cosine", "half-cosine")
 
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mix-type", default=None, choices=MIX_TYPES,
                    help="default: the store's (fkd), else cutmix")
     p.add_argument("--fkd_seed", type=seed_int, default=None, help="default: the store's (fkd), else 42")
-    p.add_argument("--input-size", type=positive_int, default=224)
+    p.add_argument("--input-size", type=image_side, default=224)
     p.add_argument("--eval-interval", type=positive_int, default=50)
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue the run OUTPUT_DIR holds (or the one CKPT was written by) with the settings it "
@@ -117,13 +117,13 @@ from torch.utils.data import DataLoader, Subset
 
 from d4m import fkd, labelcheck, views
 from d4m.checkpoint import CHECKPOINT, Student, Training, plan_students, resume, state_of, write_metrics
-from d4m.data import ImageFolderDataset, check_same_classes, read_class_list, val_dataset
+from d4m.data import ImageFolderDataset, check_images, check_same_classes, read_class_list, val_dataset
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
 from d4m.figures import mean_std
 from d4m.models import build_model, check_input_size
 from d4m.outputs import atomic_path, check_writable, exclusive_run, save_torch
-from d4m.runtime import Progress, Setup, init_distributed
+from d4m.runtime import Progress, Setup, init_distributed, together
 from d4m.targets import build_targets
 
 
@@ -177,6 +177,8 @@ def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, devic
         check_same_classes([row["name"] for row in made_from], data.classes,
                            f"the validation split's classes are not those {args.train_dir} was made from", "validate "
                            "on the same dataset")
+    with together(world):  # first read after the last epoch: an image that does not decode is named before training
+        check_images(data, range(rank, len(data), world))
     return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=256, shuffle=False,
                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
@@ -338,7 +340,7 @@ def write_results(path: Path, figures: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
-    # set-up: device, processes, precision
+    # set-up: device, processes, precision; the output folder is this run's before any model or label loads
     base = Path(args.output_dir)
     check_writable(base, "--output-dir")
     device = pick_device(args.device)
@@ -347,7 +349,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.gradient_accumulation_steps % world and world % args.gradient_accumulation_steps:
         raise UsageError(f"--gradient-accumulation-steps {args.gradient_accumulation_steps} and {world} processes: "
                          "one must be a multiple of the other")
-    amp = amp_dtype(args.amp, device)
+    with exclusive_run(base / ".lock", f"output folder {base}", rank, world):
+        train_students(Setup(args, device, rank, world, amp_dtype(args.amp, device)), base)
+
+
+def train_students(setup: Setup, base: Path) -> None:
+    """The students of --seeds, trained one after the other into `base`, and their summary."""
+    args, device, rank, world, amp = setup.args, setup.device, setup.rank, setup.world, setup.amp
 
     # the synthetic set, its targets (stored soft labels, an online teacher or hard labels), the real validation set
     data = ImageFolderDataset(args.train_dir)
@@ -365,20 +373,18 @@ def main(argv: list[str] | None = None) -> None:
               "single optimiser step; a smaller batch gives more", file=sys.stderr)
 
     # the students, one after the other, and their summary
-    with exclusive_run(base / ".lock", f"output folder {base}", rank, world):
-        students = plan_students(args, labels.meta, base, labels.plan_seed, rank, world)
-        source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
-        setup = Setup(args, device, rank, world, amp)
-        runs = []
-        for student in students:
-            runs.append(train_student(setup, labels, source, val_loader, student))
-            if rank == 0 and args.seeds > 1:
-                write_results(student.folder / "results.json", summary(args, runs[-1:], len(paths), len(data.classes)))
-        if rank == 0:
-            figures = summary(args, runs, len(paths), len(data.classes))
-            write_results(base / "results.json", figures)
-            if args.seeds > 1:
-                print(f"final over {args.seeds} seeds: top-1 {figures['top1_mean']:.2f} ± {figures['top1_std']:.2f}")
+    students = plan_students(args, labels.meta, base, labels.plan_seed, rank, world)
+    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+    runs = []
+    for student in students:
+        runs.append(train_student(setup, labels, source, val_loader, student))
+        if rank == 0 and args.seeds > 1:
+            write_results(student.folder / "results.json", summary(args, runs[-1:], len(paths), len(data.classes)))
+    if rank == 0:
+        figures = summary(args, runs, len(paths), len(data.classes))
+        write_results(base / "results.json", figures)
+        if args.seeds > 1:
+            print(f"final over {args.seeds} seeds: top-1 {figures['top1_mean']:.2f} ± {figures['top1_std']:.2f}")
 
 
 if __name__ == "__main__":
