@@ -1,9 +1,11 @@
 """Ctrl-C (SIGINT) and SIGTERM during stages 2, 3 and 4 (issue 24): one line, "interrupted; rerun the same command
 to resume", exit status 130 or 143, no traceback, the lock released and its file removed, no temporary file left;
-the same command then resumes, to the bytes (stage 4: the weights) of an uninterrupted run."""
+the same command then resumes, to the bytes (stage 4: the weights) of an uninterrupted run. And stage 2 run as a
+whole into an output whose class folder links elsewhere."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,3 +121,19 @@ def test_stage_2_interrupted_resumes_to_the_same_bytes(synthesis, tmp_path, sign
     assert len(list(out.rglob("*.png"))) < len(list(reference.rglob("*.png")))
     assert run(SYNTH, args(out)).returncode == 0
     assert files(out) == files(reference)
+
+
+def test_stage_2_refuses_a_class_folder_linked_elsewhere(synthesis, tmp_path):
+    """Issue 24's case: a class folder of an existing stage-2 output replaced by a symlink to a folder elsewhere;
+    the rerun is refused in one line and writes nothing there."""
+    args, reference = synthesis
+    out, elsewhere = tmp_path / "syn", tmp_path / "elsewhere"
+    shutil.copytree(reference, out)
+    elsewhere.mkdir()
+    folder = next(p for p in out.rglob("1") if p.is_dir())
+    shutil.rmtree(folder)
+    folder.symlink_to(elsewhere)
+    done = run(SYNTH, args(out))
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: "), done.stderr
+    assert f"{folder} leads outside the output" in done.stderr and "Traceback" not in done.stderr
+    assert not any(elsewhere.iterdir())
