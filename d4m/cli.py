@@ -13,14 +13,14 @@ import sys
 from typing import Callable, NoReturn
 
 DATASETS = ("imagenet", "tiny_imagenet", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
-KMEANS_METHODS = ("faithful", "full", "groups")
+KMEANS_METHODS = ("faithful", "full")
 PROTOTYPE_FORMATS = ("safetensors", "json")
 DIFFUSION_DTYPES = ("float16", "bfloat16", "float32")  # the diffusion weights' dtypes
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")  # a classifier's autocast
 MIX_TYPES = ("mixup", "cutmix", "None")
 PROTOCOLS = ("fkd", "online", "hard")  # where a student's soft labels come from (validate/)
 LOADERS = ("tensor", "pil")  # where FKD's views are cropped and resized (d4m.views)
-SELECTIONS = ("confidence", "diverse")  # stage 2's candidate selection rules (d4m.selection)
+RESIZE_FILTERS = ("bicubic", "bilinear", "lanczos", "nearest")  # PIL resampling filters of saved images
 DIST_TIMEOUT_MINUTES = 180
 
 WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
@@ -196,8 +196,9 @@ def add_generator_args(parser: argparse.ArgumentParser, guidance_scale: float) -
     parser.add_argument("--num_inference_steps", type=positive_int, default=50, help="the sampler's schedule")
     parser.add_argument("--guidance_scale", "-g", type=non_negative_float, default=guidance_scale,
                         help="classifier-free guidance against the empty prompt; at most 1 turns it off")
-    parser.add_argument("--size", type=positive_int, default=512, help="the generator's image side (SD-1.5: 512)")
-    parser.add_argument("--image_size", type=positive_int, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--size", type=image_side, default=512, help="the generator's image side (SD-1.5: 512)")
+    parser.add_argument("--image_size", type=image_side, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--resize_filter", default="lanczos", choices=RESIZE_FILTERS, help="PIL filter of that resize")
     parser.add_argument("--batch_size", type=positive_int, default=10, help="images per sampler call")
     parser.add_argument("--dtype", default="auto", choices=("auto", *DIFFUSION_DTYPES),
                         help="weights and activations; auto: float16 on CUDA, float32 elsewhere")

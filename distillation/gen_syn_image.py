@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from d4m.cli import (ArgumentParser, DATASETS, DIFFUSION_DTYPES, RESIZE_FILTERS, UsageError, add_device_args, cli,
-                     finite_float, non_negative_float, plain_name, positive_int, seed_int)
+                     finite_float, image_side, non_negative_float, plain_name, positive_int, seed_int)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the share of the 50 steps that denoise: int(steps * strength) run, the rest are skipped")
     parser.add_argument("--seed", type=seed_int, default=0, help="image j of class c uses noise seeded by (seed, c, j)")
     parser.add_argument("--num_inference_steps", type=positive_int, default=50)
-    parser.add_argument("--image_size", type=positive_int, default=224, help="saved images are image_size x image_size")
+    parser.add_argument("--image_size", type=image_side, default=224, help="saved images are image_size x image_size")
     parser.add_argument("--name", type=plain_name, default=None,
                         help="names the output folder; default: the name stage 1 recorded (the dataset, or the image "
                              "folder's name)")
