@@ -6,6 +6,8 @@
 #   DATA_DIR  the dataset's folder (stage 1's training images, the label check's and stage 4's validation split)
 #   SD_MODEL  the diffusion model of stages 1 and 2: a diffusers folder or a hub id
 #   TEACHER   stage 3's teacher file (matching/train_teacher.py); unset for ImageNet: torchvision's ResNet-18
+#   NAME      names the outputs (default: the dataset, or an image folder's own name); for DATASET imagefolder,
+#             SD_MODEL and TEACHER default to what run_all.sh imagefolder trains: $OUT_DIR/models/$NAME/
 #   IPC       images per class; the stages find each other's folders by it (default 10)
 #   SEEDS     students trained by stage 4, seeds 0 .. SEEDS-1, reported as mean and std (default 1)
 #   OUT_DIR   $OUT_DIR/prototypes, syn, fkd and student (default outputs)
@@ -22,10 +24,18 @@ case $DATASET in
     cifar10|cifar100) DATA_DEFAULT=data/$DATASET TEACHER_DEFAULT=models/$DATASET/teacher_convnet.pt SD_DEFAULT=$SD_HUB ;;
     fashion_mnist) DATA_DEFAULT=data/fashion_mnist TEACHER_DEFAULT=models/fashion_mnist/teacher_convnet.pt
         SD_DEFAULT=models/fashion_mnist/ldm ;;
+    imagefolder)
+        if [ -z "${DATA_DIR:-}" ] || [ ! -d "$DATA_DIR/train" ] || [ ! -d "$DATA_DIR/val" ]; then
+            echo "error: imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders" >&2
+            exit 2
+        fi
+        DATA_DEFAULT=$DATA_DIR NAME=${NAME:-$(basename "$(cd "$DATA_DIR" && pwd)")}
+        SD_DEFAULT=${OUT_DIR:-outputs}/models/$NAME/ldm TEACHER_DEFAULT=${OUT_DIR:-outputs}/models/$NAME/teacher_convnet.pt ;;
 esac
 DATA_DIR=${DATA_DIR:-$DATA_DEFAULT}
 SD_MODEL=${SD_MODEL:-$SD_DEFAULT}
 TEACHER=${TEACHER:-$TEACHER_DEFAULT}
+NAME=${NAME:-$DATASET}
 IPC=${IPC:-10}
 SEEDS=${SEEDS:-1}
 OUT_DIR=${OUT_DIR:-outputs}
@@ -36,8 +46,10 @@ done
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python; fi
 RUN=("$PY")
 if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
-PROMPTS=distillation/label-prompt/$DATASET.txt
-NAME=${DATASET}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1  # the folder stages 2, 3 and 4 share
+PROMPTS=()  # the shipped prompts of the paper's datasets; an image folder's prompts are its class names
+if [ -e "distillation/label-prompt/$DATASET.txt" ]; then PROMPTS=(--label_file_path "distillation/label-prompt/$DATASET.txt"); fi
+PROTOTYPES=$OUT_DIR/prototypes/$NAME-ipc$IPC-kmexpand1.safetensors
+SET_NAME=${NAME}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1  # the folder stages 2, 3 and 4 share
 
 rded_batch() {  # RDED's batch for CLASSES classes: 10 at IPC 1, 50 up to IPC 10, 100 above, doubled from 100 classes
     local classes=$1 batch
@@ -48,29 +60,29 @@ rded_batch() {  # RDED's batch for CLASSES classes: 10 at IPC 1, 50 up to IPC 10
 
 prototypes() {  # stage 1
     "${RUN[@]}" distillation/gen_prototype.py --dataset "$DATASET" --data_dir "$DATA_DIR" \
-        --diffusion_checkpoints_path "$SD_MODEL" --label_file_path "$PROMPTS" --ipc "$IPC" --km_expand 1 \
+        --diffusion_checkpoints_path "$SD_MODEL" "${PROMPTS[@]}" --name "$NAME" --ipc "$IPC" --km_expand 1 \
         --batch_size 10 --save_prototype_path "$OUT_DIR/prototypes" "$@"
 }
 
 synthesis() {  # stage 2, with the paper's guidance 8 and strength 0.7
     "${RUN[@]}" distillation/gen_syn_image.py --dataset "$DATASET" --diffusion_checkpoints_path "$SD_MODEL" \
-        --label_file_path "$PROMPTS" --prototype_path "$OUT_DIR/prototypes/$DATASET-ipc$IPC-kmexpand1.safetensors" \
+        "${PROMPTS[@]}" --prototype_path "$PROTOTYPES" \
         --save_init_image_path "$OUT_DIR/syn" --ipc "$IPC" --km_expand 1 --guidance_scale 8 --strength 0.7 "$@"
 }
 
 matching() {  # stage 3: soft labels stored in fp16, CutMix
     local teacher=(--teacher-path "$TEACHER")
     if [ -z "$TEACHER" ]; then teacher=(-a resnet18); fi
-    "${RUN[@]}" matching/generate_soft_label.py --data "$OUT_DIR/syn/$NAME" --fkd-path "$OUT_DIR/fkd/$NAME" \
+    "${RUN[@]}" matching/generate_soft_label.py --data "$OUT_DIR/syn/$SET_NAME" --fkd-path "$OUT_DIR/fkd/$SET_NAME" \
         --dataset "$DATASET" --data-dir "$DATA_DIR" "${teacher[@]}" --use-fp16 --mix-type cutmix "$@"
 }
 
 training() {  # stage 4: AdamW lr 1e-3 wd 0.01, T 20, CutMix; continues the run its folder holds
-    local student=$OUT_DIR/student/$NAME resume=()
+    local student=$OUT_DIR/student/$SET_NAME resume=()
     if [ -e "$student/checkpoint.pth.tar" ] || compgen -G "$student/seed*/checkpoint.pth.tar" >/dev/null; then
         [[ " $* " == *" --overwrite "* || " $* " == *" --resume"* ]] || resume=(--resume)
     fi
-    "${RUN[@]}" validate/train_FKD.py --train-dir "$OUT_DIR/syn/$NAME" --fkd-path "$OUT_DIR/fkd/$NAME" \
+    "${RUN[@]}" validate/train_FKD.py --train-dir "$OUT_DIR/syn/$SET_NAME" --fkd-path "$OUT_DIR/fkd/$SET_NAME" \
         --output-dir "$student" --dataset "$DATASET" --data-dir "$DATA_DIR" -T 20 --adamw-lr 0.001 \
         --adamw-weight-decay 0.01 --mix-type cutmix --seeds "$SEEDS" "${resume[@]}" "$@"
 }

@@ -1,14 +1,20 @@
-"""What a set is like in a teacher's feature space (its penultimate layer): how much of the real training set it
-covers, and how far its distribution is from the real one. Used to explain why a set wins or ties, and by stage 2's
-candidate selection for its diversity criterion.
+"""What a set is like in a teacher's feature space (its penultimate layer), measured against a seeded sample of the
+real training images; used to explain why a set wins, ties or loses.
 
-- coverage: the share of real training images whose nearest set image (of their class) lies within the real
-  data's own median nearest-neighbour distance (of that class). A set of typical images near the class centre
-  covers the images around it and misses the rest.
-- Fréchet distance: between Gaussians fitted to the set's and the real images' features (as FID does with
-  Inception features); lower is closer.
+- precision, recall, density and coverage (Naeem et al., ICML 2020, k = 5 nearest neighbours), computed by `prdc`,
+  the authors' package: coverage is the share of real images whose k-th-neighbour ball (among the real images) holds
+  a set image; density counts how many real balls each set image falls in (1 for a set spread like the real data).
+- KID (Bińkowski et al., ICLR 2018): the unbiased squared MMD with a cubic polynomial kernel, computed by
+  `torchmetrics` with the teacher's features as its features; unlike the Fréchet distance it has no bias at
+  small sets, so it can rank sets of 10-100 images.
+- the Fréchet distance (FID's formula), only where the set has more images than the features have dimensions
+  (below that the set's covariance is singular and the distance is biased by the set's size).
 """
 from __future__ import annotations
+
+import contextlib
+import io
+import warnings
 
 import numpy as np
 import torch
@@ -16,6 +22,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from d4m.device import memory_format
+
+NEAREST_K = 5  # Naeem et al.'s k
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000  # torchmetrics' default, lowered to the smaller of the two sets
 
 
 @torch.no_grad()
@@ -45,23 +55,21 @@ def dataset_features(model: nn.Module, data: Dataset, device: torch.device, work
     return torch.cat(feats), torch.cat(labels)
 
 
-def coverage(real: torch.Tensor, real_labels: torch.Tensor, chosen: torch.Tensor,
-             chosen_labels: torch.Tensor) -> tuple[float, list[float]]:
-    """(overall %, per class %): the share of real images whose nearest chosen image of their class is within their
-    class's median real nearest-neighbour distance. Overall counts every real image once."""
-    covered, per_class = 0, []
-    for c in range(int(real_labels.max()) + 1):
-        r, s = real[real_labels == c].double(), chosen[chosen_labels == c].double()
-        if len(r) < 2 or len(s) == 0:
-            per_class.append(float("nan"))
-            continue
-        own = torch.cdist(r, r)
-        own.fill_diagonal_(float("inf"))
-        radius = own.min(1).values.median()
-        hits = int((torch.cdist(r, s).min(1).values <= radius).sum())
-        covered += hits
-        per_class.append(100.0 * hits / len(r))
-    return 100.0 * covered / len(real), per_class
+def kid(real: torch.Tensor, chosen: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) over KID_SUBSETS subsets of torchmetrics' KID between two feature sets [N, D]; subsets of the
+    smaller set's size, drawn from a generator seeded by `seed`."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    with warnings.catch_warnings():  # that it keeps the features in memory: they are here already
+        warnings.simplefilter("ignore", UserWarning)
+        metric = KernelInceptionDistance(feature=nn.Identity(), subsets=KID_SUBSETS,
+                                         subset_size=min(KID_SUBSET_SIZE, len(real), len(chosen)))
+    metric.update(real.double(), real=True)
+    metric.update(chosen.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
 
 
 def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,8 +77,7 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
     eigenvalues of sqrt(S_a) S_b sqrt(S_a), which stays real and symmetric)."""
     a, b = a.double().numpy(), b.double().numpy()
     mean_a, mean_b = a.mean(0), b.mean(0)
-    cov_a = np.cov(a, rowvar=False) if len(a) > 1 else np.zeros((a.shape[1],) * 2)
-    cov_b = np.cov(b, rowvar=False) if len(b) > 1 else np.zeros((b.shape[1],) * 2)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root_a = _psd_sqrt(cov_a)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum()
     distance = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross
@@ -82,10 +89,21 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
-def set_scores(real: torch.Tensor, real_labels: torch.Tensor, chosen: torch.Tensor,
-               chosen_labels: torch.Tensor) -> dict:
-    """A set's coverage and Fréchet distance, overall and per class."""
-    overall, per_class = coverage(real, real_labels, chosen, chosen_labels)
-    classes = range(int(real_labels.max()) + 1)
-    return {"coverage": overall, "coverage_per_class": per_class, "frechet": frechet(real, chosen),
-            "frechet_per_class": [frechet(real[real_labels == c], chosen[chosen_labels == c]) for c in classes]}
+def set_scores(real: torch.Tensor, chosen: torch.Tensor) -> dict:
+    """A set's precision, recall, density and coverage (k = NEAREST_K, fewer for a set of 6 images or fewer; None
+    below 3), KID (mean and std over subsets) and, where it has more images than dimensions, Fréchet distance,
+    against the real features."""
+    from prdc import compute_prdc
+
+    # prdc takes each point's k-th neighbour among the others of its set: k below each set's size less one
+    k = min(NEAREST_K, len(chosen) - 2, len(real) - 2)
+    if k < 1:
+        scores = dict.fromkeys(("precision", "recall", "density", "coverage"))
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+            found = compute_prdc(real_features=real.double().numpy(), fake_features=chosen.double().numpy(),
+                                 nearest_k=k)
+        scores = {key: float(value) for key, value in found.items()}
+    scores["kid"], scores["kid_std"] = kid(real, chosen)
+    scores["frechet"] = frechet(real, chosen) if len(chosen) > real.shape[1] else None
+    return scores

@@ -291,7 +291,7 @@ def export(data: DistilledSet, out: Path, title: str) -> None:
         (tmp / CARD).write_text(dataset_card(data, title), encoding="utf-8")
         try:
             os.rename(tmp, out)  # replaces an empty folder
-        except OSError as err:
+        except OSError:
             if not out.is_dir() or not any(out.iterdir()):
                 raise
             raise UsageError(f"{out} was filled by another process during the export; choose a new folder") from None

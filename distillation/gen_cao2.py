@@ -46,7 +46,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from d4m.data import class_count, describe_prompts, resolve_prompts, train_dataset, write_class_list
@@ -161,9 +160,10 @@ def main(argv: list[str] | None = None) -> None:
                                                num_inference_steps=args.num_inference_steps, generator=generators,
                                                output_type="latent").float())
                     candidates = torch.cat(candidates)
-                    probabilities = torch.cat([teacher_probabilities(teacher, record, pipe.decode_latents_to(part),
-                                                                     args.image_size, args.resize_filter, device)
-                                               for part in candidates.split(args.batch_size)])
+                    # the teacher sees all of a class's candidates in one batch, whatever --batch_size
+                    decoded = [image for part in candidates.split(args.batch_size) for image in pipe.decode_latents_to(part)]
+                    probabilities = teacher_probabilities(teacher, record, decoded, args.image_size, args.resize_filter,
+                                                          device)
                     kept = keep_rule(probabilities, c, args.ipc)
                     # stage 2: each kept latent refined by the unconditional model, then decoded
                     null = embeds.batch([""])[0]

@@ -8,7 +8,8 @@ with every --models architecture under every --protocols protocol, --seeds times
   hard    cross-entropy on the class labels, no teacher.
 Each run is validate/train_FKD.py; the figures are the final-epoch top-1 on the real validation split. Results go
 to OUTPUT/results.json (and .md): one row per set, architecture and protocol with every seed's top-1, their mean
-and standard deviation, and the scores of each set against the set named `random` (README, Evaluation).
+and standard deviation; each set's gap to the set named `random` with its 95 % interval over seeds, hard-label
+recovery and DD-Ranking's label-robust score; and its scores in the teacher's features (docs/evaluation.md).
 
     python validate/evaluate.py --dataset fashion_mnist --data-dir data/fashion_mnist \\
         --set d4m=outputs/syn/fashion_mnist_ipc10_10_s0.7_g8.0_kmexpand1 --set random=outputs/syn/real_fashion_mnist_ipc10 \\
@@ -62,8 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "hard-label recovery score (default: the teacher file's, for the teacher's architecture)")
     p.add_argument("--no-label-check", action="store_true", help="passed to matching")
     p.add_argument("--score-per-class", type=non_negative_int, default=1000,
-                   help="real training images per class (a seeded sample of --data-dir's) the sets' coverage and "
-                        "Fréchet distance are measured against, in the teacher's feature space; 0: no scores")
+                   help="real training images per class (a seeded sample of --data-dir's) the sets' precision, recall, "
+                        "density, coverage and KID are measured against, in the teacher's feature space; 0: no scores")
     p.add_argument("-j", "--workers", type=non_negative_int, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--nproc", type=positive_int, default=1, help="run each stage under torchrun with this many processes")
@@ -101,7 +102,7 @@ from torch.utils.data import Subset
 
 from d4m.data import ImageFolderDataset, train_dataset
 from d4m.device import pick_device
-from d4m.figures import as_text, mean_std
+from d4m.figures import as_text, gap_interval, gap_text, label_robust_score, mean_std
 from d4m.labelcheck import eval_transform
 from d4m.models import load_teacher, load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive
@@ -228,30 +229,35 @@ def real_hard_top1(args: argparse.Namespace, model: str) -> float | None:
 
 
 def scores(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
-    """Per set and architecture: the improvement over random real under each protocol (not for `random` itself),
-    the hard-label recovery, and the share of its soft-label top-1 the set keeps with hard labels."""
-    mean = {(r["method"], r["model"], r["protocol"]): r["top1_mean"] for r in rows}
+    """Per set and architecture: the gap to random real under each protocol with its 95 % interval over seeds (not
+    for `random` itself), the hard-label recovery (HLR: real-data hard top-1 minus the set's), DD-Ranking's
+    label-robust score from the soft-label gap and HLR, and the share of its soft-label top-1 kept with hard labels."""
+    runs = {(r["method"], r["model"], r["protocol"]): r["runs"] for r in rows}
     out = []
     for name in args.sets:
         for model in args.models:
             row = {"method": name, "model": model}
             for protocol in args.protocols:
-                if name != "random" and (name, model, protocol) in mean and ("random", model, protocol) in mean:
-                    row[f"ior_{protocol}"] = mean[(name, model, protocol)] - mean[("random", model, protocol)]
-            hard = mean.get((name, model, "hard"))
+                if name != "random" and (name, model, protocol) in runs and ("random", model, protocol) in runs:
+                    gap, low, high = gap_interval(runs[(name, model, protocol)], runs[("random", model, protocol)])
+                    row[f"ior_{protocol}"] = gap
+                    row[f"ior_{protocol}_ci"] = [low, high] if math.isfinite(low) else None  # None: one seed
+            hard, soft = runs.get((name, model, "hard")), runs.get((name, model, "fkd"), runs.get((name, model, "online")))
             real = real_hard_top1(args, model)
             if hard is not None and real is not None:
-                row["hlr"] = real - hard
-            soft = mean.get((name, model, "fkd"), mean.get((name, model, "online")))
+                row["hlr"] = real - mean_std(hard)[0]
+                soft_gap = row.get("ior_fkd", row.get("ior_online"))
+                if soft_gap is not None:
+                    row["lrs"] = label_robust_score(soft_gap, row["hlr"])
             if hard is not None and soft:
-                row["kept"] = 100 * hard / soft
+                row["kept"] = 100 * mean_std(hard)[0] / mean_std(soft)[0]
             out.append(row)
     return out
 
 
 def measure_sets(args: argparse.Namespace) -> dict[str, dict]:
-    """Each set's coverage of a seeded sample of the real training images and its Fréchet distance to them, overall
-    and per class, in the teacher's penultimate features (a set of several folders: the mean over its folders)."""
+    """Each set's precision, recall, density, coverage and KID against a seeded sample of the real training images,
+    in the teacher's penultimate features (a set of several folders, one per seed: the mean over its folders)."""
     device = pick_device(args.device)
     teacher, record = load_teacher(args.teacher_path, args.arch, 0, None, device, "")
     transform = eval_transform(record["input_size"], record["mean"], record["std"])
@@ -261,14 +267,15 @@ def measure_sets(args: argparse.Namespace) -> dict[str, dict]:
     for c in range(int(targets.max()) + 1):
         members = (targets == c).nonzero().flatten()
         picks += members[torch.randperm(len(members), generator=gen)][:args.score_per_class].tolist()
-    real_feats, real_labels = dataset_features(teacher, Subset(real, picks), device, args.workers)
+    real_feats, _ = dataset_features(teacher, Subset(real, picks), device, args.workers)
     out = {}
     for name, folders in args.sets.items():
-        runs = [set_scores(real_feats, real_labels, *dataset_features(teacher, ImageFolderDataset(f, transform),
-                                                                             device, args.workers)) for f in folders]
-        out[name] = {key: (sum(r[key] for r in runs) / len(runs) if not isinstance(runs[0][key], list) else
-                           [sum(vals) / len(vals) for vals in zip(*(r[key] for r in runs))]) for key in runs[0]}
-        print(f"{name}: coverage {out[name]['coverage']:.1f} %, Fréchet distance {out[name]['frechet']:.1f}", flush=True)
+        runs = [set_scores(real_feats, dataset_features(teacher, ImageFolderDataset(f, transform), device,
+                                                        args.workers)[0]) for f in folders]
+        out[name] = {key: None if any(r[key] is None for r in runs) else sum(r[key] for r in runs) / len(runs)
+                     for key in runs[0]}
+        print(f"{name}: " + ", ".join(f"{key} {out[name][key]:.4f}" for key in ("coverage", "density", "kid")
+                                      if out[name][key] is not None), flush=True)
     return out
 
 
@@ -279,14 +286,17 @@ def markdown(rows: list[dict], score_rows: list[dict], in_features: dict[str, di
         lines.append(f"| {r['method']} | {r['model']} | {r['protocol']} | {r['ipc']} | "
                      f"{as_text(r['top1_mean'], r['top1_std'], len(r['runs']))} | {runs} |")
     if score_rows:
-        keys = [k for k in ("ior_fkd", "ior_online", "ior_hard", "hlr", "kept") if any(k in s for s in score_rows)]
+        keys = [k for k in ("ior_fkd", "ior_online", "ior_hard", "hlr", "lrs", "kept") if any(k in s for s in score_rows)]
         lines += ["", "| method | model | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
         for s in score_rows:
-            cells = [f"{s[k]:.2f}" if k in s and math.isfinite(s[k]) else "—" for k in keys]
+            cells = [gap_text(s, k) if k.startswith("ior") else f"{s[k]:.{3 if k == 'lrs' else 2}f}" if k in s else "—"
+                     for k in keys]
             lines.append(f"| {s['method']} | {s['model']} | " + " | ".join(cells) + " |")
     if in_features:
-        lines += ["", "| method | coverage % | Fréchet distance |", "|---|---|---|"]
-        lines += [f"| {name} | {s['coverage']:.1f} | {s['frechet']:.1f} |" for name, s in in_features.items()]
+        lines += ["", "| method | precision | recall | density | coverage | KID |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | " + " | ".join("—" if s[k] is None else f"{s[k]:.{4 if k == 'kid' else 3}f}"
+                                          for k in ("precision", "recall", "density", "coverage", "kid")) + " |"
+                  for name, s in in_features.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +321,9 @@ def evaluate_all(args: argparse.Namespace) -> None:
     out = Path(args.output)
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps({"dataset": args.dataset, "rows": rows, "scores": score_rows,
-                                   "set_scores": in_features}, indent=1))
+                                   "set_scores": in_features,
+                                   "sets": {name: [str(f) for f in folders] for name, folders in args.sets.items()}},
+                                  indent=1))
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(markdown(rows, score_rows, in_features))
     print(f"table: {out / 'results.md'}")
