@@ -6,6 +6,7 @@ import json
 import pytest
 
 from conftest import make_image_folder, run_script
+from d4m.figures import label_robust_score
 from fkd_helpers import tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,16 +43,20 @@ def test_one_command_gives_every_row_and_score(tmp_path, capsys):
         assert score[f"ior_{protocol}"] == pytest.approx(rows[("d4m", protocol)]["top1_mean"]
                                                          - rows[("random", protocol)]["top1_mean"])
     assert score["hlr"] == pytest.approx(50 - rows[("d4m", "hard")]["top1_mean"])
+    low, high = score["ior_fkd_ci"]  # two seeds a side: Welch's interval around the gap
+    assert low < score["ior_fkd"] < high or low == score["ior_fkd"] == high
+    assert score["lrs"] == pytest.approx(label_robust_score(score["ior_fkd"], score["hlr"]))
     assert (out / "fkd" / "d4m" / "meta.json").is_file() and (out / "d4m" / "convnet" / "hard" / "seed1").is_dir()
     assert (out / "fkd" / "random1" / "meta.json").is_file()  # each draw of the random baseline has its store
     table = (out / "results.md").read_text()
     assert "| d4m | convnet | fkd | 4 |" in table and "| random | resnet18_modified | hard | 4 |" in table
     assert "ior_hard" in table
-    # the "d4m" set here is the real training set itself: it covers all of it, at Fréchet distance 0
+    # the "d4m" set here is the real training set itself: it covers all of it, and it has fewer images than the
+    # teacher's features have dimensions, so no Fréchet distance
     in_features = result["set_scores"]
-    assert in_features["d4m"]["coverage"] == 100 and in_features["d4m"]["frechet"] == pytest.approx(0, abs=1e-3)
-    assert in_features["random"]["frechet"] > 1e-3 and len(in_features["random"]["coverage_per_class"]) == 3
-    assert "| d4m | 100.0 | 0.0 |" in table
+    assert in_features["d4m"]["coverage"] == in_features["d4m"]["precision"] == 1
+    assert in_features["d4m"]["frechet"] is None and in_features["random"]["kid"] > in_features["d4m"]["kid"]
+    assert "| d4m | 1.000 | 1.000 |" in table
     capsys.readouterr()
     assert run_script(SCRIPT, argv) == 0  # a rerun reads the finished runs back
     assert json.loads((out / "results.json").read_text())["rows"] == result["rows"]

@@ -77,3 +77,29 @@ def test_an_output_that_cannot_be_written_is_one_line_before_the_work(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file, so" in err[0] and "--curve" in err[0]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_gaps_with_their_intervals_and_one_picture_per_set(tmp_path, capsys):
+    from conftest import make_image_folder
+
+    data, teacher = tiny_setup(tmp_path)
+    sets = {name: [str(make_image_folder(tmp_path / name, classes=3, per_class=2, size=16, seed=k) / "train")]
+            for k, name in enumerate(("d4m", "mgd3", "random"))}
+    folder = tmp_path / "eval2"
+    folder.mkdir()
+    rows = [{"method": m, "model": "convnet", "protocol": "fkd", "ipc": 2, "runs": [70.0, 72.0], "top1_mean": 71.0,
+             "top1_std": 1.41} for m in sets]
+    scores = [{"method": "mgd3", "model": "convnet", "ior_fkd": 1.5, "ior_fkd_ci": [-0.25, 3.25], "hlr": 20.0,
+               "lrs": 0.25}]
+    set_scores = {m: {"precision": 0.5, "recall": 0.25, "density": 0.75, "coverage": 0.125, "kid": 0.01} for m in sets}
+    (folder / "results.json").write_text(json.dumps({"rows": rows, "scores": scores, "set_scores": set_scores,
+                                                     "sets": sets}))
+    argv = ["--dataset", "imagefolder", "--data-dir", data, "--teacher-path", teacher, "--evals", folder,
+            "--output-json", tmp_path / "r.json", "--set-figures", tmp_path / "pictures"]
+    assert run_script("validate/report.py", argv) == 0
+    out = capsys.readouterr().out
+    assert "| 2 | MGD3 | convnet | +1.50 [-0.25, +3.25] | 20.00 | 0.250 |" in out
+    assert "| 2 | MGD3 | 0.500 | 0.250 | 0.750 | 0.125 | 0.0100 |" in out
+    assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == ["d4m.png", "mgd3.png"]
+    # two panels (the set, random real) of 2 images each: 110 px of labels, 4 tiles of 64 px and a 12 px gap
+    assert Image.open(tmp_path / "pictures" / "mgd3.png").size == (110 + 4 * 64 + 12, 22 + 3 * 64)

@@ -332,7 +332,8 @@ def gaps_table(scores: list[dict]) -> str:
             continue
         cells = [gap_text(s, k) for k in protocols]
         cells += [f"{s['hlr']:.2f}" if "hlr" in s else "—", f"{s['lrs']:.3f}" if "lrs" in s else "—"]
-        lines.append(f"| {s['ipc']} | {LABELS.get(s['method'], s['method'])} | {s['model']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {s['ipc']} | {LABELS.get(s['method'], s['method'])} | {s.get('model', '')} | " +
+                     " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
