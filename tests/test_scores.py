@@ -30,7 +30,7 @@ def test_a_set_in_one_of_two_modes_covers_half_the_real_points():
     both = set_scores(real, clusters(50, [0.0, 5.0], seed=1))
     assert one_mode["precision"] > 0.8 and both["precision"] > 0.8  # the set's points lie among real points
     assert one_mode["coverage"] == pytest.approx(0.5, abs=0.03)  # only the first mode's real points are reached
-    assert both["coverage"] > 0.9
+    assert both["coverage"] > 0.8
     assert one_mode["kid"] > both["kid"]
 
 
