@@ -59,9 +59,6 @@ def parse_args() -> argparse.Namespace:
                    help="on CPU, let kernels vary with the batch (faster; images then differ in the last bits)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's); on a busy machine 1 thread is much faster than 2")
-    p.add_argument("--mode-guidance", type=finite_float, default=0.5,
-                   help="also time the batched mode with mode guidance of this strength for the first half of the "
-                        "steps (0: not)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     args = p.parse_args()
     args.size = args.size or (512 if args.sd15 else 32)
@@ -100,8 +97,7 @@ def original(pipe, args: argparse.Namespace, protos: torch.Tensor, prompts: list
     return np.concatenate(out)
 
 
-def batched(pipe, args: argparse.Namespace, protos: torch.Tensor, prompts: list[str], jobs: list[Job],
-            mode: float = 0.0) -> np.ndarray:
+def batched(pipe, args: argparse.Namespace, protos: torch.Tensor, prompts: list[str], jobs: list[Job]) -> np.ndarray:
     """Batches across classes, each class's prompt embeddings encoded once."""
     embeds = EmbeddingCache(pipe, NEGATIVE, args.guidance > 1)
     out = []
@@ -111,8 +107,7 @@ def batched(pipe, args: argparse.Namespace, protos: torch.Tensor, prompts: list[
         out.append(pipe(latents=protos[start : start + len(batch)], prompt_embeds=positive,
                         negative_prompt_embeds=negative, strength=args.strength, guidance_scale=args.guidance,
                         num_inference_steps=args.steps, generator=[seeded_generator(args.seed, c, j) for c, j in batch],
-                        output_type="np", mode_latents=protos[start : start + len(batch)], mode_scale=mode,
-                        mode_stop=args.steps // 2).images)
+                        output_type="np").images)
     return np.concatenate(out)
 
 
@@ -164,8 +159,6 @@ def main() -> None:
         reset_peaks(device)
         images, t_batched = timed(lambda: batched(pipe, args, protos, prompts, jobs), device)
         device_gb = peak_device_gb(device)
-        t_mode = timed(lambda: batched(pipe, args, protos, prompts, jobs, args.mode_guidance), device)[1] \
-            if args.mode_guidance > 0 else None
         alone = unet_alone(pipe, args.batch_size, side, guidance, device)
     rate_o, rate_b = originals / t_original, len(jobs) / t_batched
     compiled = ("yes" if not note else f"no ({note})") if args.compile else "no"
@@ -173,7 +166,7 @@ def main() -> None:
     figures = {"machine": machine(device), "model": model, "size": args.size, "original_img_s": rate_o,
                "batched_img_s": rate_b, "unet_alone_samples_s": alone, "unet_alone_img_s": alone / passes,
                "batch": args.batch_size, "compiled": compiled == "yes", "peak_device_gb": device_gb,
-               "max_abs_diff": diff, "mode_guided_img_s": len(jobs) / t_mode if t_mode else None}
+               "max_abs_diff": diff}
     rows = [
         ("machine", figures["machine"]),
         ("model", f"{model}, dtype {pipe.unet.dtype}, {args.size} px"),
@@ -182,8 +175,6 @@ def main() -> None:
                      f"batch-invariant CPU kernels: {'yes' if invariant else 'no'}"),
         ("original (1 image/call)", f"{rate_o:.3f} images/s ({t_original:.1f} s)"),
         ("batched, cached prompts", f"{rate_b:.3f} images/s ({t_batched:.1f} s)"),
-        ("batched, mode guidance", f"{len(jobs) / t_mode:.3f} images/s ({t_mode:.1f} s; --mode_guidance "
-                                   f"{args.mode_guidance} for {args.steps // 2} of {args.steps} steps)" if t_mode else "-"),
         ("UNet alone", f"{alone:.1f} samples/s = {alone / passes:.3f} images/s at {passes} passes per image"),
         ("ratio batched/original", f"{rate_b / rate_o:.2f}x"),
         ("max abs diff of images", f"{diff:.3g} (float, 0..1); 8-bit values differing: "
