@@ -1,9 +1,9 @@
-"""A student's run folder (validate/train_FKD.py): checkpoints that record the settings they were trained with,
-resume that refuses another run's checkpoint, and the rule for a folder that already holds a run (--resume or
---overwrite). One call per use: `plan_students` before the work, `resume` when a student starts, `save` per epoch."""
+"""A student's run folder (validate/train_FKD.py): checkpoints that record the settings they were trained with
+(`d4m.settings.student_settings`), resume that refuses another run's checkpoint, and the rule for a folder that
+already holds a run (--resume or --overwrite). One call per use: `claim_folder` before the work, `resume` when a
+student starts, `state_of` for each epoch's checkpoint."""
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +16,6 @@ from d4m.runtime import together
 
 CHECKPOINT = "checkpoint.pth.tar"
 RUN_FILES = (CHECKPOINT, "model_best.pth.tar", "metrics.jsonl", "results.json")
-# How a run is carried out rather than what it trains, so these may differ on --resume: another batch split,
-# precision or kernel changes the last bits of the weights, --eval-interval which epochs are validated, --seeds how
-# many students there are. Not settings at all: where the run is written, how this invocation starts, --cos (kept as
-# --lr-schedule), and a secret, which is never written.
-MAY_CHANGE = frozenset({"workers", "device", "deterministic", "dist_timeout", "amp", "compile", "loader", "sync_bn",
-                        "gradient_accumulation_steps", "eval_interval", "seeds", "wandb", "wandb_project"})
-NOT_SETTINGS = frozenset({"output_dir", "resume", "overwrite", "start_epoch", "cos", "wandb_api_key"})
-PATH_SETTINGS = ("train_dir", "val_dir", "data_dir", "fkd_path", "teacher_path")
 KEYS = frozenset({"model", "optimizer", "scheduler", "scaler", "epoch", "best_top1", "rng", "settings", "metrics"})
 AFRESH = "or start afresh: --overwrite in place of --resume"
 
@@ -52,23 +44,15 @@ def flag(key: str) -> str:
         key, "--" + key.replace("_", "-"))
 
 
-def settings_of(args: argparse.Namespace, meta: dict, seed: int, plan_seed: int) -> dict:
-    """What a student is trained with: recorded in its checkpoints, and what a resumed run must repeat."""
-    settings = {k: v for k, v in vars(args).items() if k not in MAY_CHANGE | NOT_SETTINGS}
-    settings.update({k: str(Path(settings[k]).resolve()) for k in PATH_SETTINGS if settings[k]})
-    settings.update(seed=seed, fkd_seed=plan_seed, mix_type=meta["mix_type"], num_classes=meta["num_classes"])
-    return settings
-
-
-def resume_path(args: argparse.Namespace, folder: Path) -> Path | None:
+def resume_path(resume: str | None, folder: Path, seeds: int) -> Path | None:
     """--resume CKPT, else with --resume the folder's own checkpoint (a seed of several that has none starts
     afresh), else none."""
-    if args.resume is None:
+    if resume is None:
         return None
-    path = Path(args.resume) if args.resume else folder / CHECKPOINT
+    path = Path(resume) if resume else folder / CHECKPOINT
     if path.is_file():
         return path
-    if args.resume or args.seeds == 1:
+    if resume or seeds == 1:
         raise UsageError(f"cannot resume: {path} does not exist; drop --resume or pass the checkpoint's path")
     return None
 
@@ -99,33 +83,26 @@ def load(path: Path, settings: dict) -> dict:
     return state
 
 
-def plan_students(args: argparse.Namespace, meta: dict, base: Path, plan_seed: int, rank: int,
-                  world: int) -> list[Student]:
-    """The --seeds students, after the folder's rule (on rank 0, every process learning of a refusal): a folder
-    holding a run is refused unless --resume or --overwrite; --overwrite discards that run's files; every checkpoint
-    to resume from is checked."""
-    students = []
-    for k in range(args.seeds):
-        seed, shifted = args.seed + k, plan_seed + (k if args.protocol != "fkd" else 0)  # online, hard: new plans too
-        folder = base / f"seed{seed}" if args.seeds > 1 else base
-        students.append(Student(seed, folder, shifted, settings_of(args, meta, seed, shifted)))
+def claim_folder(base: Path, students: list[Student], resume: str | None, overwrite: bool, rank: int,
+                 world: int) -> None:
+    """The folder's rule, on rank 0, every process learning of a refusal: a folder holding a run is refused unless
+    --resume or --overwrite; --overwrite discards that run's files; every checkpoint to resume from is checked."""
     with together(world):
         if rank == 0:
             folders = [base, *sorted(p for p in base.glob("seed*") if p.is_dir())]
             held = [f / CHECKPOINT for f in folders if (f / CHECKPOINT).is_file()]
-            if held and args.resume is None and not args.overwrite:
+            if held and resume is None and not overwrite:
                 raise UsageError(f"{base} holds a training run ({held[0]}); continue it with --resume, or discard it "
                                  "and start afresh with --overwrite")
-            if args.overwrite:
+            if overwrite:
                 for folder in folders:
                     for name in RUN_FILES:
                         check_confined(folder / name)
                         (folder / name).unlink(missing_ok=True)
             for student in students:
-                path = resume_path(args, student.folder)
+                path = resume_path(resume, student.folder, len(students))
                 if path is not None:
                     load(path, student.settings)
-    return students
 
 
 def state_of(run: Training, epoch: int, best: float, device: torch.device, settings: dict, metrics: list[dict]) -> dict:
@@ -144,15 +121,15 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def resume(args: argparse.Namespace, student: Student, run: Training, device: torch.device,
-           rank: int) -> tuple[int, float, list[dict]]:
-    """(first epoch, best top-1, metrics rows so far): --start-epoch's on a fresh run, else the checkpoint's, whose
-    rows are written out again (a run stopped between the checkpoint and the metrics file had not written the last)."""
-    path = resume_path(args, student.folder)
+def resume(path: Path | None, student: Student, run: Training, device: torch.device, rank: int,
+           start_epoch: int) -> tuple[int, float, list[dict]]:
+    """(first epoch, best top-1, metrics rows so far): `start_epoch`'s on a fresh run (no `path`), else the
+    checkpoint's, whose rows are written out again (a run stopped between the checkpoint and the metrics file had not
+    written the last)."""
     if path is None:
-        for _ in range(args.start_epoch):
+        for _ in range(start_epoch):
             run.scheduler.step()
-        return args.start_epoch, -1.0, []
+        return start_epoch, -1.0, []
     state = load(path, student.settings)
     try:
         run.net.load_state_dict(state["model"])

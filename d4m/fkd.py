@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from d4m.runtime import derive_seed
 from d4m.views import CropViews, PilViews, iterate_views
@@ -63,10 +64,6 @@ class EpochPlan:
         return cls(*(tensors[name] for name in ("order", "crops", "flips", "perm", "lam", "box")), batch_size=batch_size)
 
 
-def num_batches(num_images: int, batch_size: int) -> int:
-    return math.ceil(num_images / batch_size)
-
-
 def draw_crops(rng: np.random.Generator, hw: np.ndarray, scale: tuple[float, float], attempts: int = 10) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params, vectorised: [N,4] fractions top/H, left/W, h/H, w/W."""
     n = len(hw)
@@ -100,37 +97,20 @@ def cutmix_box(rng: np.random.Generator, lam: float, size: int) -> list[int]:
     return [int(y1), int(x1), int(y2), int(x2)]
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """How views are drawn: batch, view size, mix (CutMix, MixUp or "None") and its Beta parameters, the crops'
-    scale range, flips. The same in matching and in training."""
-    batch_size: int
-    input_size: int
-    mix_type: str = "cutmix"
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    scale: tuple[float, float] = (0.08, 1.0)
-    flip: bool = True
-
-    @classmethod
-    def of(cls, args, mix_type: str) -> "Recipe":
-        """The recipe of a script's flags (--batch-size, --input-size, --mixup, --cutmix, crop scales, --no-flip)."""
-        return cls(args.batch_size, args.input_size, mix_type, args.mixup, args.cutmix,
-                   (args.min_scale_crops, args.max_scale_crops), not args.no_flip)
-
-
-def draw_epoch(fkd_seed: int, epoch: int, hw: np.ndarray, recipe: Recipe) -> EpochPlan:
-    """Every augmentation parameter of one epoch; depends only on its arguments (not on processes or workers).
-    Without flips no view is mirrored; the other parameters are those of the same plan with flips."""
-    batch_size, input_size, mix_type, mixup, cutmix, scale, flip = (
-        recipe.batch_size, recipe.input_size, recipe.mix_type, recipe.mixup, recipe.cutmix, recipe.scale, recipe.flip)
+def draw_epoch(fkd_seed: int, epoch: int, hw: np.ndarray, batch_size: int, input_size: int, mix_type: str = "cutmix",
+               mixup: float = 0.8, cutmix: float = 1.0, scale: tuple[float, float] = (0.08, 1.0),
+               flip: bool = True) -> EpochPlan:
+    """Every augmentation parameter of one epoch: the order, RandomResizedCrop boxes of `scale`, flips, and per batch
+    the mix (CutMix, MixUp or "None") with its partners and Beta(alpha, alpha) weight. It depends only on its
+    arguments (not on processes or workers), the same in matching and training. Without flips no view is mirrored;
+    the other parameters are those of the same plan with flips."""
     rng = np.random.default_rng(derive_seed(fkd_seed, epoch))
     n = len(hw)
     order = rng.permutation(n)
     crops = draw_crops(rng, hw[order], scale)
     flips = (rng.random(n) < 0.5) & flip
     perm, lam, box = np.zeros(n, np.int64), [], []
-    for b in range(num_batches(n, batch_size)):
+    for b in range(math.ceil(n / batch_size)):
         start, end = b * batch_size, min((b + 1) * batch_size, n)
         if mix_type == "None":
             perm[start:end], lam_b, box_b = np.arange(end - start), 1.0, [0, 0, 0, 0]
@@ -190,6 +170,20 @@ def mix_rows(views: torch.Tensor, plan: EpochPlan, job: Job, mix_type: str) -> t
     y1, x1, y2, x2 = plan.box[job.batch].tolist()
     own[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]  # `own` is already a copy (advanced indexing)
     return own
+
+
+def mixed_labels(plan: EpochPlan, job: Job, labels: torch.Tensor, num_classes: int, mix_type: str,
+                 input_size: int) -> torch.Tensor:
+    """The one-hot class rows of the job's rows mixed as `mix_rows` mixes their views: a view's label weighted by
+    the share of the input it keeps, its partner's by the rest (CutMix: the pasted box's area; MixUp: lam)."""
+    start, end = plan.bounds(job.batch)
+    own = labels[plan.order[start + job.rows]]
+    partner = labels[plan.order[start + plan.perm[start:end][job.rows]]]
+    lam = float(plan.lam[job.batch])
+    if mix_type == "cutmix":
+        y1, x1, y2, x2 = plan.box[job.batch].tolist()
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / input_size ** 2
+    return lam * F.one_hot(own, num_classes).float() + (1.0 - lam) * F.one_hot(partner, num_classes).float()
 
 
 def replay_batches(plan: EpochPlan, jobs: list[Job], source: PilViews | CropViews, workers: int,

@@ -15,9 +15,8 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from d4m.cli import UsageError, printable
-from d4m.data import ImageFolderDataset, read_class_list, val_dataset
+from d4m.data import ImageFolderDataset, read_class_list
 from d4m.device import autocast, memory_format
-from d4m.runtime import Setup
 
 
 def floor(classes: int) -> float:
@@ -93,25 +92,24 @@ def report(synthetic: torch.Tensor, real: Optional[torch.Tensor], class_names: l
     return f"label check: {', '.join(parts)} (chance {100 / classes:.1f}%); weakest synthetic classes: {low}"
 
 
-def run(setup: Setup, teacher: nn.Module, record: dict, data: ImageFolderDataset) -> dict:
-    """Score the teacher on the synthetic images (and the real validation split when given) per class, compare its
-    class names with classes.json, print one line, and stop when the class orders look different."""
-    args, classes = setup.args, len(data.classes)
-    class_list = read_class_list(args.data)
-    if class_list is not None and [row["folder"] for row in class_list] != data.classes:
-        raise UsageError(f"{args.data}/classes.json lists other class folders than {args.data} holds; regenerate "
+def run(teacher: nn.Module, record: dict, root: str, synthetic: ImageFolderDataset, real: Dataset | None,
+        device: torch.device, amp: torch.dtype | None, workers: int) -> dict:
+    """Score the teacher per class on the synthetic images of `root` (and the real validation split when given),
+    both transformed by `eval_transform`, compare its class names with classes.json, print one line, and stop when
+    the class orders look different."""
+    classes = len(synthetic.classes)
+    class_list = read_class_list(root)
+    if class_list is not None and [row["folder"] for row in class_list] != synthetic.classes:
+        raise UsageError(f"{root}/classes.json lists other class folders than {root} holds; regenerate "
                          "the set or remove classes.json")
-    transform = eval_transform(args.input_size, record["mean"], record["std"])
-    synthetic = per_class_top1(teacher, ImageFolderDataset(args.data, transform), classes, setup.device, setup.amp,
-                               args.workers)
-    real = None
-    if args.val_dir or args.data_dir:
-        val = val_dataset(args.dataset or "imagefolder", args.data_dir, transform, val_dir=args.val_dir)
-        if len(val.classes) != classes:
-            raise UsageError(f"the validation split has {len(val.classes)} classes but {args.data} has {classes}")
-        real = per_class_top1(teacher, val, classes, setup.device, setup.amp, args.workers)
-    check(synthetic, real, name_mismatch(record.get("classes"), class_list), classes)
-    names = [str(row["name"]) for row in class_list] if class_list else data.classes
-    print(report(synthetic, real, names, classes), flush=True)
-    return {"class_names": names, "synthetic_top1": synthetic.tolist(),
-            "real_top1": None if real is None else real.tolist(), "teacher": record["arch"]}
+    synthetic_top1 = per_class_top1(teacher, synthetic, classes, device, amp, workers)
+    real_top1 = None
+    if real is not None:
+        if len(real.classes) != classes:
+            raise UsageError(f"the validation split has {len(real.classes)} classes but {root} has {classes}")
+        real_top1 = per_class_top1(teacher, real, classes, device, amp, workers)
+    check(synthetic_top1, real_top1, name_mismatch(record.get("classes"), class_list), classes)
+    names = [str(row["name"]) for row in class_list] if class_list else synthetic.classes
+    print(report(synthetic_top1, real_top1, names, classes), flush=True)
+    return {"class_names": names, "synthetic_top1": synthetic_top1.tolist(),
+            "real_top1": None if real_top1 is None else real_top1.tolist(), "teacher": record["arch"]}

@@ -1,13 +1,9 @@
 """The soft-label store of matching/generate_soft_label.py, read by validate/train_FKD.py.
 
-A store is a directory: `meta.json` and `epoch_XXXX.safetensors` per epoch holding the plan (`d4m.fkd.EpochPlan`,
-stored compactly: order int32, crops float32, which still gives back the exact pixel boxes, perm int16) and either
-full teacher logits [N,C], or 8-bit logits with a minimum and step per row (`logits_q`, `logits_min`,
-`logits_step`: half the bytes of fp16, every logit within 1/510 of its row's range), or, with top-K, the K largest
-logits (`topk_values`), their class indices bit-packed at ceil(log2 C) bits each (`topk_indices`, uint8; 10 bits
-for 1000 classes instead of 16) and the mean of the other C-K logits (`rest_mean`). The target is rebuilt by
-scattering the top-K into a row filled with that mean: the tail then keeps about the right softmax mass at any
-temperature (exactly in the limit of high T, where a tail of -inf or 0 would be badly off).
+A store is a directory: `meta.json`, `images.txt` (each image's path, label and digest) and
+`epoch_XXXX.safetensors` per epoch holding the plan (`d4m.fkd.EpochPlan`, stored compactly: order int32, crops
+float32, which still gives back the exact pixel boxes, perm int16) and the teacher's logits of its views, encoded
+by `d4m.labelcodec` (full, 8 bits per logit, or top-K).
 
 meta.json holds the matching run's settings, the images' fingerprint (their contents) included. It is created once,
 exclusively, when the run writes its first epoch, so that only a run whose inputs all loaded makes a store, and of
@@ -23,16 +19,14 @@ import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
-from d4m import jsonfile
+from d4m import jsonfile, labelcodec
 from d4m.cli import MAX_SIDE, MIX_TYPES, UsageError
 from d4m.fkd import EpochPlan
 from d4m.outputs import check_settings, create_once, file_digest, write_bytes
@@ -60,37 +54,12 @@ def _fits(value, kind: str) -> bool:
             "true or false": isinstance(value, bool)}[kind]
 
 
-def topk_compress(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """K largest logits per row, their indices (int16 when the class count allows) and the mean of the rest."""
-    classes = logits.shape[1]
-    values, indices = logits.float().topk(k, dim=1)
-    rest = (logits.float().sum(1) - values.sum(1)) / (classes - k)
-    index_dtype = torch.int16 if classes <= 32767 else torch.int32
-    return {"topk_values": values.to(logits.dtype), "topk_indices": indices.to(index_dtype),
-            "rest_mean": rest.to(logits.dtype)}
-
-
-def topk_rebuild(values: torch.Tensor, indices: torch.Tensor, rest: torch.Tensor, classes: int) -> torch.Tensor:
-    """Full fp32 rows: the top-K scattered into a row filled with the mean of the other logits."""
-    full = rest.float()[:, None].expand(len(rest), classes).clone()
-    return full.scatter_(1, indices.long(), values.float())
-
-
-def keep_topk(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Apply the top-K rebuild to full logits; unchanged when K >= the class count."""
-    if k >= logits.shape[1]:
-        return logits
-    parts = topk_compress(logits, k)
-    return topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], logits.shape[1])
-
-
 IMAGES_NAME = "images.txt"  # beside meta.json: one line per image (path, label, digest), to name a changed one
 
 
 def image_lines(root: str | Path, samples: Sequence[tuple[str, int]]) -> list[str]:
-    """Each image's relative path, label and blake2b of its bytes, in dataset order. Every file is read once, on up
-    to 8 threads (hashing runs outside the GIL): 0.67 GB/s measured from the page cache on 2 busy cores, so about
-    2 s for ImageNet IPC 10 (1.3 GB of 224 px PNGs) and 10 s at IPC 50; a cold disk reads slower."""
+    """Each image's relative path, label and blake2b of its bytes, in dataset order, each file read once (on up to
+    8 threads: hashing runs outside the GIL)."""
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
         contents = pool.map(file_digest, [path for path, _ in samples])
         return [f"{Path(path).relative_to(root).as_posix()}\t{label}\t{content}\n"
@@ -200,7 +169,6 @@ def create_meta(store: str | Path, meta: dict) -> None:
 
 
 PLAN_KEYS = {"order", "crops", "flips", "perm", "lam", "box"}
-LABEL_KEYS = ({"logits"}, {"topk_values", "topk_indices", "rest_mean"}, {"logits_q", "logits_min", "logits_step"})
 EPOCH_ERRORS = {
     "missing": "is missing; rerun the matching command to complete the store",
     "damaged": "is damaged ({}); rerun the matching command, which rewrites it",
@@ -220,8 +188,8 @@ def epoch_layout(meta: dict) -> dict[str, tuple[str, list[int]]]:
               "box": ("I32", [math.ceil(n / batch), 4])}
     if meta["topk"]:
         k = meta["topk"]
-        layout.update(topk_values=(logits, [n, k]), topk_indices=("U8", [math.ceil(n * k * index_bits(classes) / 8)]),
-                      rest_mean=(logits, [n]))
+        packed = math.ceil(n * k * labelcodec.index_bits(classes) / 8)
+        layout.update(topk_values=(logits, [n, k]), topk_indices=("U8", [packed]), rest_mean=(logits, [n]))
     elif meta["int8"]:
         layout.update(logits_q=("U8", [n, classes]), logits_min=("F32", [n]), logits_step=("F32", [n]))
     else:
@@ -259,7 +227,7 @@ def epoch_state(path: Path, meta: dict) -> tuple[str, str]:
     length, header = read
     metadata = header.pop("__metadata__", None)
     tensors = {key: (entry.get("dtype"), entry.get("shape")) for key, entry in header.items() if isinstance(entry, dict)}
-    if not (PLAN_KEYS <= tensors.keys() and any(labels <= tensors.keys() for labels in LABEL_KEYS)):
+    if not (PLAN_KEYS <= tensors.keys() and any(labels <= tensors.keys() for labels in labelcodec.KEYS)):
         return "damaged", UNREADABLE
     if not isinstance(metadata, dict) or metadata.get(ID_KEY) != store_id(meta):
         return "foreign", ""
@@ -341,23 +309,6 @@ def labels_flaw(tensors: dict[str, torch.Tensor], classes: int) -> str | None:
     return None
 
 
-def index_bits(classes: int) -> int:
-    return max(1, math.ceil(math.log2(classes)))
-
-
-def pack_indices(indices: torch.Tensor, classes: int) -> torch.Tensor:
-    """Class indices [N,K] -> uint8 bytes holding ceil(log2 C) bits per index."""
-    bits = index_bits(classes)
-    values = indices.long().cpu().numpy()[..., None] >> np.arange(bits)
-    return torch.from_numpy(np.packbits((values & 1).astype(np.uint8).ravel()))
-
-
-def unpack_indices(packed: torch.Tensor, rows: int, k: int, classes: int) -> torch.Tensor:
-    bits = index_bits(classes)
-    flat = np.unpackbits(packed.numpy(), count=rows * k * bits).reshape(rows, k, bits).astype(np.int64)
-    return torch.from_numpy((flat << np.arange(bits)).sum(-1))
-
-
 def compact_plan(plan: EpochPlan) -> dict[str, torch.Tensor]:
     """The plan in the narrowest exact dtypes (crop fractions k/H survive float32 for any H < 2**22)."""
     tensors = plan.tensors()
@@ -367,57 +318,16 @@ def compact_plan(plan: EpochPlan) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def quantize_rows(logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each row as 8-bit steps between its own minimum and maximum: `logits_q` uint8 [N,C], `logits_min` and
-    `logits_step` float32 [N]. A logit comes back within half a step, 1/510 of its row's range."""
-    rows = logits.float()
-    low, high = rows.min(1).values, rows.max(1).values
-    step = torch.where(high > low, (high - low) / 255, torch.ones_like(low))
-    q = ((rows - low[:, None]) / step[:, None]).round_().clamp_(0, 255).to(torch.uint8)
-    return {"logits_q": q, "logits_min": low, "logits_step": step}
-
-
-def dequantize_rows(q: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    return low.float()[:, None] + q.float() * step.float()[:, None]
-
-
 def write_epoch(store: str | Path, epoch: int, plan: EpochPlan, logits: torch.Tensor, meta: dict) -> None:
     """One epoch file, marked with the run's identity: the plan and the logits, full, top-K (meta's `topk`) or 8-bit
     per row (meta's `int8`)."""
-    tensors = compact_plan(plan)
-    if meta["topk"]:
-        parts = topk_compress(logits, meta["topk"])
-        parts["topk_indices"] = pack_indices(parts["topk_indices"], logits.shape[1])
-        tensors.update(parts)
-    elif meta["int8"]:
-        tensors.update(quantize_rows(logits))
-    else:
-        tensors["logits"] = logits
+    tensors = {**compact_plan(plan), **labelcodec.encode(logits, meta["topk"], meta["int8"])}
     write_bytes(epoch_file(store, epoch), save({k: v.cpu().contiguous() for k, v in tensors.items()},
                                                 metadata={ID_KEY: store_id(meta)}))
 
 
-@dataclass
-class SoftLabels:
-    """An epoch's soft labels kept as stored (full logits, or the top-K parts), turned into full float32 rows on
-    the device a batch at a time: host memory stays at the store's size, device memory at a batch's."""
-    tensors: dict[str, torch.Tensor]
-    classes: int
-
-    def pin(self) -> "SoftLabels":
-        return SoftLabels({k: v.pin_memory() for k, v in self.tensors.items()}, self.classes)
-
-    def rows(self, start: int, end: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        part = {k: v[start:end].to(device, non_blocking=True) for k, v in self.tensors.items()}
-        if "logits" in part:
-            return part["logits"].float()
-        if "logits_q" in part:
-            return dequantize_rows(part["logits_q"], part["logits_min"], part["logits_step"])
-        return topk_rebuild(part["topk_values"], part["topk_indices"], part["rest_mean"], self.classes)
-
-
 def read_epoch(store: str | Path, epoch: int, meta: dict,
-               hw: torch.Tensor | None = None) -> tuple[EpochPlan, SoftLabels]:
+               hw: torch.Tensor | None = None) -> tuple[EpochPlan, labelcodec.SoftLabels]:
     """The plan of an epoch and its soft labels, once its header and then its values are checked against meta.json
     (and the images' sizes `hw` [N,2], when given)."""
     path = epoch_file(store, epoch)
@@ -428,18 +338,10 @@ def read_epoch(store: str | Path, epoch: int, meta: dict,
     classes = meta["num_classes"]
     if "topk_indices" in tensors:
         values = tensors["topk_values"]
-        tensors["topk_indices"] = unpack_indices(tensors["topk_indices"], values.shape[0], values.shape[1], classes)
+        tensors["topk_indices"] = labelcodec.unpack_indices(tensors["topk_indices"], *values.shape, classes)
     why = plan_flaw(tensors, meta, hw) or labels_flaw(tensors, classes)
     if why:
         raise UsageError(f"soft-label file {path} is not what a matching run writes ({why}); rerun the matching "
                          "command into a new --fkd-path")
     tensors.update(order=tensors["order"].long(), crops=tensors["crops"].double(), perm=tensors["perm"].long())
-    plan = EpochPlan.from_tensors(tensors, meta["batch_size"])
-    if "logits" in tensors:
-        return plan, SoftLabels({"logits": tensors["logits"]}, classes)
-    if "logits_q" in tensors:
-        return plan, SoftLabels({k: tensors[k] for k in ("logits_q", "logits_min", "logits_step")}, classes)
-    index_dtype = torch.int16 if classes <= 32767 else torch.int32
-    parts = {"topk_values": tensors["topk_values"], "topk_indices": tensors["topk_indices"].to(index_dtype),
-             "rest_mean": tensors["rest_mean"]}
-    return plan, SoftLabels(parts, classes)
+    return EpochPlan.from_tensors(tensors, meta["batch_size"]), labelcodec.decode(tensors, classes)

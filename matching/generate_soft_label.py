@@ -14,7 +14,7 @@ from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, 
                      check_crop_scales, cli, finite_float, image_side, non_negative_int, positive_float, positive_int, seed_int)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description="Generate FKD soft labels (training-time matching).")
     p.add_argument("--data", required=True, help="ImageFolder of synthetic images (sorted class folders = class index)")
     p.add_argument("-a", "--arch", default="resnet18", help="torchvision teacher with its default ImageNet weights")
@@ -69,47 +69,32 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--data-dir needs --dataset (which of the dataset layouts it holds)")
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from d4m import fkd, labelcheck, store, views
-from d4m.data import ImageFolderDataset
+from d4m.data import ImageFolderDataset, val_dataset
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
 from d4m.models import load_teacher
 from d4m.outputs import atomic_path, check_writable, exclusive_run, remove_stale_temporaries
-from d4m.runtime import Progress, Setup, barrier, from_rank0, init_distributed, together
+from d4m.runtime import Progress, barrier, from_rank0, init_distributed, together
+from d4m.settings import store_meta
 
 
-def store_meta(args: argparse.Namespace, data: ImageFolderDataset, images: str, record: dict, precision: str) -> dict:
-    """The store's meta.json: every setting of this run, the images' fingerprint, the teacher."""
-    topk = args.soft_label_topk if args.soft_label_topk and args.soft_label_topk < record["num_classes"] else None
-    return {
-        "format": store.FORMAT, "batch_size": args.batch_size, "epochs": args.epochs, "num_images": len(data.samples),
-        "data_classes": len(data.classes), "images": images,
-        "fkd_seed": args.fkd_seed, "mix_type": args.mix_type, "mixup": args.mixup, "cutmix": args.cutmix,
-        "input_size": args.input_size, "num_classes": record["num_classes"],
-        "teacher": {"arch": record["arch"], "source": record["source"]},
-        "mean": list(record["mean"]), "std": list(record["std"]),
-        "min_scale": args.min_scale_crops, "max_scale": args.max_scale_crops, "flip": not args.no_flip,
-        "dtype": "float16" if args.use_fp16 else "float32", "topk": topk, "int8": args.soft_label_int8,
-        "teacher_precision": precision,
-    }
-
-
-def label_epoch(setup: Setup, teacher: nn.Module, source, plan: fkd.EpochPlan, meta: dict) -> dict[int, torch.Tensor]:
+def label_epoch(teacher: nn.Module, source, plan: fkd.EpochPlan, meta: dict, workers: int, device: torch.device,
+                amp: torch.dtype | None, rank: int, world: int) -> dict[int, torch.Tensor]:
     """The teacher's logits (in the store's dtype, on the CPU) of this process's batches: batch b on rank b % world.
     Copies to the host are asynchronous; the device is waited for once, at the end."""
-    args, device = setup.args, setup.device
-    dtype = torch.float16 if args.use_fp16 else torch.float32
-    jobs = [fkd.make_job(plan, b) for b in range(setup.rank, plan.num_batches, setup.world)]
+    dtype = torch.float16 if meta["dtype"] == "float16" else torch.float32
+    jobs = [fkd.make_job(plan, b) for b in range(rank, plan.num_batches, world)]
     parts = {}
-    with torch.no_grad(), autocast(device, setup.amp):
-        for job, x in fkd.replay_batches(plan, jobs, source, args.workers, device, meta):
+    with torch.no_grad(), autocast(device, amp):
+        for job, x in fkd.replay_batches(plan, jobs, source, workers, device, meta):
             parts[job.batch] = teacher(x.contiguous(memory_format=memory_format(device))).to(dtype).to("cpu", non_blocking=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -127,75 +112,79 @@ def gather_logits(parts: dict[int, torch.Tensor], rank: int, world: int) -> torc
     return torch.cat([parts[b] for b in sorted(parts)])
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def label_check(args: argparse.Namespace, teacher: nn.Module, record: dict, device: torch.device,
+                amp: torch.dtype | None) -> dict:
+    """Before the first epoch: do teacher, synthetic folders, prompts (and the real validation split) share one
+    class order?"""
+    transform = labelcheck.eval_transform(args.input_size, record["mean"], record["std"])
+    real = (val_dataset(args.dataset or "imagefolder", args.data_dir, transform, val_dir=args.val_dir)
+            if args.val_dir or args.data_dir else None)
+    return labelcheck.run(teacher, record, args.data, ImageFolderDataset(args.data, transform), real, device, amp,
+                          args.workers)
 
-    # set-up: device, processes, precision
+
+def create_store(fkd_path: str, meta: dict, checked: dict | None, lines: list[str]) -> None:
+    """meta.json (unless it is there, with these settings), the record of each image, the label check's figures."""
+    store.create_meta(fkd_path, meta)
+    with atomic_path(Path(fkd_path) / store.IMAGES_NAME) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8", errors="surrogateescape")  # file names as the disk has them
+    if checked is not None:
+        with atomic_path(Path(fkd_path) / "label_check.json") as tmp:
+            tmp.write_text(json.dumps(checked, indent=1))
+
+
+@cli
+def main(args: argparse.Namespace) -> None:
+    # set-up: device, processes, precision; the store is this run's before any model or image loads
     check_writable(args.fkd_path, "--fkd-path")
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
-    setup = Setup(args, device, rank, world, amp_dtype(args.amp, device, prefer_fp16=args.use_fp16))
+    amp = amp_dtype(args.amp, device, prefer_fp16=args.use_fp16)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     with exclusive_run(Path(args.fkd_path) / ".lock", f"soft-label store {args.fkd_path}", rank, world):
-        match(setup)
+
+        # the synthetic set, the teacher, and the store's record of both
+        data = ImageFolderDataset(args.data)
+        paths = [path for path, _ in data.samples]
+        hw = views.image_sizes(paths)
+        teacher, record = load_teacher(args.teacher_path, args.arch, len(data.classes), args.input_size, device,
+                                       f"{args.data} has {len(data.classes)} class folders")
+        lines = from_rank0(store.image_lines(args.data, data.samples) if rank == 0 else None, world)
+        meta = store_meta(args, len(data.samples), len(data.classes), store.image_fingerprint(lines), record,
+                          precision_name(amp))
+        shared_by = views.cache_sharing(hw, args.loader)
+        announce("matching", device, precision_name(amp), world, rank, f"teacher {record['arch']}",
+                 views.describe_cache(hw, shared_by, args.loader))
+        if rank == 0:
+            remove_stale_temporaries(args.fkd_path)
+        start = store.open_store(args.fkd_path, meta)  # the first epoch missing: a resumed run continues there
+        checked = None
+        with together(world):
+            if not args.no_label_check and rank == 0 and start < args.epochs:
+                checked = label_check(args, teacher, record, device, amp)
+        source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+        teacher = maybe_compile(teacher, device, args.compile, rank)
+
+        # for each epoch: draw the plan (order, crops, flips, mix), label its views, store plan and logits
+        for epoch in Progress(range(start, args.epochs), "matching", rank, initial=start, total=args.epochs,
+                              unit="epochs"):
+            plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, args.batch_size, args.input_size, args.mix_type,
+                                  args.mixup, args.cutmix, (args.min_scale_crops, args.max_scale_crops),
+                                  not args.no_flip)
+            with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
+                parts = label_epoch(teacher, source, plan, meta, args.workers, device, amp, rank, world)
+            logits = gather_logits(parts, rank, world)
+            with together(world):
+                if rank == 0 and epoch == start:  # the store is made once every image has decoded and been labelled
+                    create_store(args.fkd_path, meta, checked, lines)
+            if rank == 0:
+                store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
+            barrier()
     if rank == 0:
         print(f"soft labels for {args.epochs} epochs in {Path(args.fkd_path)}")
 
 
-def match(setup: Setup) -> None:
-    """Label every epoch's views with the teacher into the store (which this run holds), from its first missing
-    epoch."""
-    args, device, rank, world = setup.args, setup.device, setup.rank, setup.world
-
-    # the synthetic set, the teacher, and the store's record of both
-    data = ImageFolderDataset(args.data)
-    paths = [path for path, _ in data.samples]
-    hw = views.image_sizes(paths)
-    teacher, record = load_teacher(args.teacher_path, args.arch, len(data.classes), args.input_size, device,
-                                   f"{args.data} has {len(data.classes)} class folders")
-    lines = from_rank0(store.image_lines(args.data, data.samples) if rank == 0 else None, world)
-    meta = store_meta(args, data, store.image_fingerprint(lines), record, precision_name(setup.amp))
-    shared_by = views.cache_sharing(hw, args.loader)
-    announce("matching", device, precision_name(setup.amp), world, rank, f"teacher {record['arch']}",
-             views.describe_cache(hw, shared_by, args.loader))
-
-    if rank == 0:
-        remove_stale_temporaries(args.fkd_path)
-    start = store.open_store(args.fkd_path, meta)  # the first epoch missing: a resumed run continues there
-    checked = None
-    with together(world):  # before the first epoch: do teacher, images and prompts share one class order?
-        if not args.no_label_check and rank == 0 and start < args.epochs:
-            checked = labelcheck.run(setup, teacher, record, data)
-    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
-    teacher = maybe_compile(teacher, device, args.compile, rank)
-
-    # for each epoch: draw the plan (order, crops, flips, mix), label its views, store plan and logits
-    for epoch in Progress(range(start, args.epochs), "matching", rank, initial=start, total=args.epochs,
-                          unit="epochs"):
-        plan = fkd.draw_epoch(args.fkd_seed, epoch, hw, fkd.Recipe.of(args, args.mix_type))
-        with together(world):  # an image that fails to decode in one process's batches (PIL loader) stops all
-            parts = label_epoch(setup, teacher, source, plan, meta)
-        logits = gather_logits(parts, rank, world)
-        with together(world):
-            if rank == 0 and epoch == start:  # the store is made once every image has decoded and been labelled
-                create_store(args, meta, checked, lines)
-        if rank == 0:
-            store.write_epoch(args.fkd_path, epoch, plan, logits, meta)
-        barrier()
-
-
-def create_store(args: argparse.Namespace, meta: dict, checked: dict | None, lines: list[str]) -> None:
-    """meta.json (unless it is there, with these settings), the record of each image, the label check's figures."""
-    store.create_meta(args.fkd_path, meta)
-    with atomic_path(Path(args.fkd_path) / store.IMAGES_NAME) as tmp:
-        tmp.write_text("".join(lines), encoding="utf-8", errors="surrogateescape")  # file names as the disk has them
-    if checked is not None:
-        with atomic_path(Path(args.fkd_path) / "label_check.json") as tmp:
-            tmp.write_text(json.dumps(checked, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image_folder
-from d4m import fkd, store, views
+from d4m import fkd, labelcodec, store, views
 from d4m.cli import LOADERS
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan_for(n: int = 12, mix: str = "cutmix", epoch: int = 0, hw=(32, 32)) -> fkd.EpochPlan:
-    return fkd.draw_epoch(42, epoch, np.tile(np.array(hw), (n, 1)), fkd.Recipe(5, 32, mix))
+    return fkd.draw_epoch(42, epoch, np.tile(np.array(hw), (n, 1)), 5, 32, mix)
 
 
 def test_plan_depends_only_on_seed_and_epoch():
@@ -47,13 +47,13 @@ def test_crops_are_whole_pixels_of_each_image():
 
 def test_topk_rebuild():
     logits = torch.tensor([[5.0, 1.0, 3.0, -1.0, 0.0], [0.0, 2.0, 2.5, 9.0, -4.0]])
-    parts = store.topk_compress(logits, 2)
+    parts = labelcodec.topk_compress(logits, 2)
     assert parts["topk_indices"].dtype == torch.int16
-    rebuilt = store.topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], 5)
+    rebuilt = labelcodec.topk_rebuild(parts["topk_values"], parts["topk_indices"], parts["rest_mean"], 5)
     expected = torch.tensor([[5.0, 0.0, 3.0, 0.0, 0.0], [-2 / 3, -2 / 3, 2.5, 9.0, -2 / 3]])
     assert torch.allclose(rebuilt, expected)
-    assert torch.allclose(store.keep_topk(logits, 2), expected)
-    assert store.keep_topk(logits, 5) is logits and store.keep_topk(logits, 1000) is logits
+    assert torch.allclose(labelcodec.keep_topk(logits, 2), expected)
+    assert labelcodec.keep_topk(logits, 5) is logits and labelcodec.keep_topk(logits, 1000) is logits
     # the row mean is kept exactly
     assert torch.allclose(rebuilt.mean(1), logits.mean(1))
 
@@ -61,9 +61,9 @@ def test_topk_rebuild():
 def test_packed_indices_round_trip():
     for classes in (2, 10, 1000, 40000):
         indices = torch.randint(classes, (7, 5), generator=torch.Generator().manual_seed(classes))
-        packed = store.pack_indices(indices, classes)
-        assert packed.dtype == torch.uint8 and packed.numel() == -(-7 * 5 * store.index_bits(classes) // 8)
-        assert torch.equal(store.unpack_indices(packed, 7, 5, classes), indices)
+        packed = labelcodec.pack_indices(indices, classes)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-7 * 5 * labelcodec.index_bits(classes) // 8)
+        assert torch.equal(labelcodec.unpack_indices(packed, 7, 5, classes), indices)
 
 
 def test_compact_plan_replays_the_same_pixel_boxes():
@@ -138,7 +138,7 @@ def test_mixed_size_images_replay_like_pil(tmp_path):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"c{i % 2}" / f"{i}.png")
     data = ImageFolderDataset(root)
     paths = [p for p, _ in data.samples]
-    plan = fkd.draw_epoch(42, 0, views.image_sizes(paths), fkd.Recipe(4, 32))
+    plan = fkd.draw_epoch(42, 0, views.image_sizes(paths), 4, 32)
     jobs = [fkd.make_job(plan, b) for b in range(plan.num_batches)]
     worst, _ = pixel_difference(views_of("pil", data, plan, jobs), views_of("tensor", data, plan, jobs))
     assert worst <= 1 / 255 + 1e-5
@@ -184,7 +184,7 @@ def test_both_paths_equal_torchvision_resized_crop_of_the_same_box(tmp_path):
     data = ImageFolderDataset(make_image_folder(tmp_path, 3, 4, 40) / "train")
     paths = [p for p, _ in data.samples]
     sizes = views.image_sizes(paths)
-    plan = fkd.draw_epoch(7, 0, sizes, fkd.Recipe(5, 32))
+    plan = fkd.draw_epoch(7, 0, sizes, 5, 32)
     specs = [fkd.job_spec(plan, fkd.make_job(plan, b)) for b in range(plan.num_batches)]
     got = {loader: torch.cat(list(views.iterate_views(views.build_source(loader, paths, sizes, 32, 0), specs, 0,
                                                       torch.device("cpu"))))
@@ -230,9 +230,9 @@ def test_mixes_follow_the_original_formulas():
 def test_int8_rows_come_back_within_half_a_step():
     logits = torch.randn(50, 1000, generator=torch.Generator().manual_seed(0)) * 4
     logits[3] = 2.5  # a constant row
-    parts = store.quantize_rows(logits)
+    parts = labelcodec.quantize_rows(logits)
     assert parts["logits_q"].dtype == torch.uint8 and parts["logits_q"].shape == (50, 1000)
-    back = store.dequantize_rows(parts["logits_q"], parts["logits_min"], parts["logits_step"])
+    back = labelcodec.dequantize_rows(parts["logits_q"], parts["logits_min"], parts["logits_step"])
     error = (back - logits).abs().max(1).values
     assert bool((error <= parts["logits_step"] / 2 + 1e-5).all()) and float(error[3]) == 0
     assert float(parts["logits_step"][0]) == pytest.approx(float(logits[0].max() - logits[0].min()) / 255)

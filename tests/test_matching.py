@@ -12,7 +12,8 @@ from d4m import fkd, views
 from d4m.data import ImageFolderDataset
 from d4m.device import amp_dtype, autocast, memory_format, set_deterministic
 from d4m.models import build_model, load_teacher_file, save_teacher
-from d4m.store import epoch_file, keep_topk, read_epoch, read_meta
+from d4m.labelcodec import keep_topk
+from d4m.store import epoch_file, read_epoch, read_meta
 from fkd_helpers import MATCH, match_args, tiny_setup
 
 

@@ -11,12 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
-from conftest import DEVICES, device_flags, load_script, make_image_folder, run_script, run_torchrun, top1_on
+from conftest import DEVICES, device_flags, load_script, make_image_folder, run_main, run_script, run_torchrun, top1_on
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.models import build_model
 from d4m import fkd
 from d4m.store import epoch_file
-from d4m.targets import HardLabels
 from fkd_helpers import MATCH, TRAIN, match_args, tiny_setup, train_args
 
 
@@ -58,7 +57,7 @@ def test_resume_ends_with_the_same_weights(tiny, tmp_path, capsys, device):
 
     module.save_torch = interrupted
     with pytest.raises(SystemExit, match="130"):  # Ctrl-C: one line, exit status 130
-        module.main([str(a) for a in train_args(data, store, tmp_path / "resumed", *common)])
+        run_main(module, train_args(data, store, tmp_path / "resumed", *common))
     assert torch.load(tmp_path / "resumed" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
     assert run_script(TRAIN, train_args(data, store, tmp_path / "resumed", *common, "--resume")) == 0
 
@@ -182,24 +181,17 @@ def test_online_protocol_under_torchrun_matches_one_process(tmp_path):
 def test_hard_labels_are_the_mixed_one_hot_rows(tiny):
     """Protocol hard's targets, against the mixing formula written out: a view's label weighted by the share of
     the input it keeps, its partner's by the rest (CutMix: the pasted box's area; MixUp: lam)."""
-    import argparse
-
-    data, _ = tiny
     from d4m import views
     from d4m.data import ImageFolderDataset
 
+    data, _ = tiny
     folder = ImageFolderDataset(data / "train")
     hw = views.image_sizes([p for p, _ in folder.samples])
     for mix in ("cutmix", "mixup"):
-        args = argparse.Namespace(teacher_path=None, fkd_seed=None, batch_size=5, input_size=32, mix_type=mix,
-                                  mixup=0.8, cutmix=1.0, min_scale_crops=0.08, max_scale_crops=1.0,
-                                  no_flip=False)
-        labels = HardLabels(args, folder, hw, torch.device("cpu"))
-        plan = labels.epoch(0)
+        plan = fkd.draw_epoch(42, 0, hw, 5, 32, mix)
         for b in range(plan.num_batches):
             start, end = plan.bounds(b)
-            job = fkd.make_job(plan, b)
-            target = labels.targets(job, 0, end - start, None)
+            target = fkd.mixed_labels(plan, fkd.make_job(plan, b), torch.tensor(folder.targets), 3, mix, 32)
             for row in range(end - start):
                 own = folder.targets[int(plan.order[start + row])]
                 partner = folder.targets[int(plan.order[start + int(plan.perm[start + row])])]
@@ -212,6 +204,20 @@ def test_hard_labels_are_the_mixed_one_hot_rows(tiny):
                 expected[own] += keep
                 expected[partner] += 1 - keep
                 torch.testing.assert_close(target[row], expected)
+
+
+@pytest.mark.parametrize("length, accumulation, world", [(10, 1, 1), (10, 2, 1), (10, 1, 2), (7, 2, 2), (9, 4, 2),
+                                                         (3, 1, 4), (1, 2, 4), (5, 3, 1)])
+def test_each_batch_row_is_trained_once(length, accumulation, world):
+    """The processes' rows are contiguous and cover the batch once; each process's micro-batches cover its rows, one
+    per piece, max(A, processes) pieces in all."""
+    module = load_script(TRAIN)
+    rows = [module.my_rows(length, accumulation, rank, world) for rank in range(world)]
+    assert rows[0][0] == 0 and rows[-1][1] == length and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    for rank, (first, last) in enumerate(rows):
+        parts = module.micro_batches(length, accumulation, rank, world)
+        assert len(parts) * world == max(accumulation, world)
+        assert [r for part in parts for r in range(last - first)[part]] == list(range(last - first))
 
 
 def test_hard_protocol_needs_no_store(tiny, tmp_path):
@@ -298,7 +304,7 @@ def test_a_stop_between_the_checkpoint_and_the_metrics_loses_no_row(tiny, tmp_pa
 
     module.write_metrics = stopped
     with pytest.raises(SystemExit, match="130"):
-        module.main([str(a) for a in args])
+        run_main(module, args)
     assert torch.load(out / "checkpoint.pth.tar", weights_only=True)["epoch"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert run_script(TRAIN, args + ["--resume"]) == 0

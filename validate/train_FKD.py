@@ -2,13 +2,15 @@
   fkd     (the original's) replay the augmentations and soft labels stored by matching/generate_soft_label.py;
   online  (RDED's, Minimax's) draw the same kind of plan here and let a teacher label every batch;
   hard    no teacher: cross-entropy on the class labels, mixed as the images are.
-Under torchrun each batch is cut into max(A, processes) contiguous pieces (A = --gradient-accumulation-steps); every
-piece's loss is its KL sum over the whole batch's length, so the update equals the one-process KLDiv(batchmean).
+Under torchrun each process trains on its rows of every batch, in micro-batches; every micro-batch's loss is its KL
+sum over the whole batch's length, so the update equals the one-process KLDiv(batchmean).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import inspect
 import json
 import math
 import sys
@@ -21,7 +23,7 @@ from d4m.cli import (AMP_CHOICES, ArgumentParser, DATASETS, LOADERS, MIX_TYPES, 
 SCHEDULES = ("linear", "cosine", "half-cosine")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description="Train a student on the synthetic set and validate on the real set.")
     p.add_argument("--batch-size", type=positive_int, default=1024)
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
@@ -103,10 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
-
-import inspect
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import torch
 import torch.distributed as dist
@@ -115,16 +115,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from d4m import fkd, labelcheck, views
-from d4m.checkpoint import CHECKPOINT, Student, Training, plan_students, resume, state_of, write_metrics
-from d4m.data import ImageFolderDataset, check_images, check_same_classes, read_class_list, val_dataset
+from d4m import fkd, labelcheck, store, views
+from d4m.checkpoint import CHECKPOINT, Student, Training, claim_folder, resume, resume_path, state_of, write_metrics
+from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, check_images, check_same_classes, read_class_list, val_dataset
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
 from d4m.figures import mean_std
-from d4m.models import build_model, check_input_size
+from d4m.labelcodec import keep_topk
+from d4m.models import build_model, check_input_size, load_teacher, load_teacher_file
 from d4m.outputs import atomic_path, check_writable, exclusive_run, save_torch
-from d4m.runtime import Progress, Setup, init_distributed, together
-from d4m.targets import build_targets
+from d4m.runtime import Progress, from_rank0, init_distributed, together
+from d4m.settings import student_settings
 
 
 def kl_sum(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -155,12 +156,73 @@ def lr_factor(schedule: str, epochs: int):
     return lambda e: 1 - e / epochs
 
 
-def pieces(length: int, accumulation: int, rank: int, world: int) -> list[tuple[int, int]]:
-    """This process's forward passes over a batch of `length` rows: (start, end) in batch-local rows."""
+def _piece_edges(length: int, accumulation: int, world: int) -> list[int]:
+    """A batch of `length` rows cut into max(accumulation, world) near-equal contiguous pieces: their edges."""
     count = max(accumulation, world)
-    edges = [p * (length // count) + min(p, length % count) for p in range(count + 1)]
-    per_rank = count // world
-    return [(edges[p], edges[p + 1]) for p in range(rank * per_rank, (rank + 1) * per_rank)]
+    return [p * (length // count) + min(p, length % count) for p in range(count + 1)]
+
+
+def my_rows(length: int, accumulation: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows (start, end) of a batch of `length` rows that this process trains on: its run of consecutive
+    pieces, max(accumulation, world) / world of them."""
+    edges = _piece_edges(length, accumulation, world)
+    per_rank = (len(edges) - 1) // world
+    return edges[rank * per_rank], edges[(rank + 1) * per_rank]
+
+
+def micro_batches(length: int, accumulation: int, rank: int, world: int) -> list[slice]:
+    """This process's forward passes over its rows of a batch of `length` rows, one per piece (empty ones too):
+    slices of those rows."""
+    edges = _piece_edges(length, accumulation, world)
+    per_rank = (len(edges) - 1) // world
+    first = edges[rank * per_rank]
+    return [slice(edges[p] - first, edges[p + 1] - first) for p in range(rank * per_rank, (rank + 1) * per_rank)]
+
+
+def open_store(args: argparse.Namespace, data: ImageFolderDataset, rank: int, world: int) -> dict:
+    """The store's meta.json, once everything that must agree between this run and the matching run does (the
+    fix in the message) and every epoch to train is there, whole."""
+    meta = store.read_meta(args.fkd_path)
+    lines = from_rank0(store.image_lines(args.train_dir, data.samples) if rank == 0 else None, world)
+    images = store.image_fingerprint(lines)
+    changed = store.changed_image(args.fkd_path, lines) if images != meta["images"] else None
+    checks = [
+        (args.batch_size == meta["batch_size"], f"--batch-size {args.batch_size} differs from the store's {meta['batch_size']}"),
+        (args.epochs <= meta["epochs"], f"--epochs {args.epochs} exceeds the {meta['epochs']} epochs stored"),
+        (args.input_size == meta["input_size"], f"--input-size {args.input_size} differs from the store's {meta['input_size']}"),
+        (len(data.samples) == meta["num_images"], f"{args.train_dir} has {len(data.samples)} images, the store {meta['num_images']}"),
+        (len(data.classes) == meta["data_classes"], f"{args.train_dir} has {len(data.classes)} classes, the store {meta['data_classes']}"),
+        (args.mix_type in (None, meta["mix_type"]), f"--mix-type {args.mix_type} differs from the store's {meta['mix_type']}"),
+        (args.fkd_seed in (None, meta["fkd_seed"]), f"--fkd_seed {args.fkd_seed} differs from the store's {meta['fkd_seed']}"),
+        (images == meta["images"], f"{args.train_dir}/{changed} is not the image the store was made from (changed, "
+                                   "added or removed since)" if changed else
+                                   f"the images in {args.train_dir} are not the ones the store was made from"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(f"{message}; use the settings and images of the matching run (see {args.fkd_path}/meta.json)")
+    store.check_epochs(args.fkd_path, meta, args.epochs)
+    return meta
+
+
+def label_source(args: argparse.Namespace, data: ImageFolderDataset, device: torch.device, rank: int,
+                 world: int) -> tuple[dict, int, nn.Module | None]:
+    """(meta, plan seed, teacher) of --protocol: meta gives the class count, the normalisation and the mix; fkd
+    replays the store's plans, online and hard draw theirs from the plan seed; online's teacher labels the views."""
+    if args.protocol == "fkd":
+        meta = open_store(args, data, rank, world)
+        return meta, meta["fkd_seed"], None
+    plan_seed, mix_type = 42 if args.fkd_seed is None else args.fkd_seed, args.mix_type or "cutmix"
+    if args.protocol == "online":
+        teacher, record = load_teacher(args.teacher_path, args.teacher_arch, len(data.classes), args.input_size, device,
+                                       f"{args.train_dir} has {len(data.classes)}")
+        mean, std, num_classes = record["mean"], record["std"], record["num_classes"]
+    else:
+        teacher, mean, std, num_classes = None, IMAGENET_MEAN, IMAGENET_STD, len(data.classes)
+        if args.teacher_path:  # to normalise as the soft-label runs do
+            _, record = load_teacher_file(args.teacher_path)
+            mean, std = record["mean"], record["std"]
+    return {"mean": list(mean), "std": list(std), "num_classes": num_classes, "mix_type": mix_type}, plan_seed, teacher
 
 
 def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, device: torch.device) -> DataLoader:
@@ -240,51 +302,67 @@ def start_wandb(args: argparse.Namespace):
     return wandb.init(project=args.wandb_project, config={k: v for k, v in vars(args).items() if k not in private})
 
 
-def train_student(setup: Setup, labels, source, val_loader: DataLoader, student: Student) -> dict:
-    """Train and validate one student; returns its figures (as also written to its folder's results.json)."""
-    args, device, rank, world, amp = setup.args, setup.device, setup.rank, setup.world, setup.amp
-    meta, out = labels.meta, student.folder
-    labels.plan_seed = student.plan_seed
+def train_student(args: argparse.Namespace, student: Student, meta: dict, teacher: nn.Module | None,
+                  class_of: torch.Tensor, hw, source, val_loader: DataLoader, device: torch.device, rank: int,
+                  world: int, amp: torch.dtype | None) -> dict:
+    """Train and validate one student on the images of sizes `hw` (class `class_of`, read by `source`) and the
+    targets of --protocol; returns its figures (as also written to its folder's results.json)."""
+    out, num_classes, accumulation = student.folder, meta["num_classes"], args.gradient_accumulation_steps
+    # the loss: the original's KL at temperature T against teacher logits, or a soft cross-entropy against the mixed
+    # one-hot rows of protocol hard
+    loss_of = soft_cross_entropy_sum if args.protocol == "hard" else functools.partial(kl_sum, temperature=args.temperature)
 
     # student, optimiser, per-epoch schedule, and the checkpoint it continues from
-    net = build_student(args, meta["num_classes"], device, world, student.seed)
+    net = build_student(args, num_classes, device, world, student.seed)
     optimizer = build_optimizer(args, net)
     run = Training(net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.epochs)),
                    torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
-    start, best, metrics = resume(args, student, run, device, rank)
+    start, best, metrics = resume(resume_path(args.resume, out, args.seeds), student, run, device, rank, args.start_epoch)
     model = wrap(net, args, device, rank, world)
     logger = start_wandb(args) if args.wandb and rank == 0 else None
     top1 = topk = None
-    k = min(5, meta["num_classes"])
+    k = min(5, num_classes)
 
     epochs = Progress(range(start, args.epochs), "training", rank, initial=start, total=args.epochs, unit="epochs")
     for epoch in epochs:
         began = time.time()
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        # replay the epoch's plan: the same views, flips and mixes as matching, in the same batches
-        plan = labels.epoch(epoch)
-        my_pieces = [pieces(plan.bounds(b)[1] - plan.bounds(b)[0], args.gradient_accumulation_steps, rank, world)
-                     for b in range(plan.num_batches)]
-        jobs = [fkd.make_job(plan, b, torch.arange(mine[0][0], mine[-1][1])) for b, mine in enumerate(my_pieces)]
+        # the epoch's plan (the same views, flips and mixes as matching, in the same batches) and, for fkd, the
+        # teacher's logits of those views as matching stored them
+        if args.protocol == "fkd":
+            plan, logits = store.read_epoch(args.fkd_path, epoch, meta, torch.from_numpy(hw))
+            logits = logits.pin() if device.type == "cuda" else logits
+        else:
+            plan = fkd.draw_epoch(student.plan_seed, epoch, hw, args.batch_size, args.input_size, meta["mix_type"],
+                                  args.mixup, args.cutmix, (args.min_scale_crops, args.max_scale_crops),
+                                  not args.no_flip)
+        rows = [my_rows(end - start, accumulation, rank, world) for start, end in map(plan.bounds, range(plan.num_batches))]
+        jobs = [fkd.make_job(plan, b, torch.arange(first, last)) for b, (first, last) in enumerate(rows)]
         batches = fkd.replay_batches(plan, jobs, source, args.workers, device, meta)
         model.train()
         losses = torch.zeros(plan.num_batches, device=device)
-        for (job, x), mine in zip(Progress(batches, f"epoch {epoch}", rank, total=len(jobs), leave=False), my_pieces):
+        for job, x in Progress(batches, f"epoch {epoch}", rank, total=len(jobs), leave=False):
             start_row, end_row = plan.bounds(job.batch)
-            first, last = mine[0][0], mine[-1][1]
+            first, last = rows[job.batch]
             x = x.contiguous(memory_format=memory_format(device))
-            target = labels.targets(job, first, last, x)
+            if args.protocol == "fkd":  # the K largest of the stored logits with --keep-topk K
+                target = keep_topk(logits.rows(start_row + first, start_row + last, device), args.keep_topk)
+            elif args.protocol == "online":  # the teacher's logits of exactly these mixed views
+                with torch.no_grad(), autocast(device, amp):
+                    target = teacher(x).float()
+            else:
+                target = fkd.mixed_labels(plan, job, class_of, num_classes, meta["mix_type"], args.input_size)
+                target = target.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            for i, (lo, hi) in enumerate(mine):  # every piece runs, empty ones too: all processes join each collective
-                with contextlib.nullcontext() if world == 1 or i == len(mine) - 1 else model.no_sync():
+            parts = micro_batches(end_row - start_row, accumulation, rank, world)
+            for i, part in enumerate(parts):  # every micro-batch runs, empty ones too: all processes join each collective
+                last_part = world == 1 or i == len(parts) - 1  # DDP all-reduces the gradients after the last one only
+                with contextlib.nullcontext() if last_part else model.no_sync():
                     with autocast(device, amp):
-                        output = model(x[lo - first:hi - first]).float()
-                    part = target[lo - first:hi - first]
-                    loss = (kl_sum(output, part, args.temperature) if labels.kind == "logits"
-                            else soft_cross_entropy_sum(output, part))
-                    piece = loss / (end_row - start_row)  # the batch's KLDiv(batchmean), whatever the pieces
-                    run.scaler.scale(piece * world).backward()  # DDP averages over the processes: undo it to sum
-                losses[job.batch] += piece.detach()
+                        output = model(x[part]).float()
+                    loss = loss_of(output, target[part]) / (end_row - start_row)  # the batch's KLDiv(batchmean)
+                    run.scaler.scale(loss * world).backward()  # DDP averages over the processes: undo it to sum
+                losses[job.batch] += loss.detach()
             run.scaler.step(optimizer)
             run.scaler.update()
         run.scheduler.step()
@@ -300,7 +378,7 @@ def train_student(setup: Setup, labels, source, val_loader: DataLoader, student:
 
         # validate now and then, keep the best, checkpoint every epoch
         if (epoch + 1) % args.eval_interval == 0 or epoch == args.epochs - 1:
-            top1, topk, k = evaluate(net, val_loader, meta["num_classes"], device, world)
+            top1, topk, k = evaluate(net, val_loader, num_classes, device, world)
             row.update({"top1": top1, f"top{k}": topk})
             if top1 >= best:
                 best = top1
@@ -316,7 +394,7 @@ def train_student(setup: Setup, labels, source, val_loader: DataLoader, student:
     if logger is not None:
         logger.finish()
     if top1 is None:  # nothing left to train (resumed at the last epoch)
-        top1, topk, k = evaluate(net, val_loader, meta["num_classes"], device, world)
+        top1, topk, k = evaluate(net, val_loader, num_classes, device, world)
     if rank == 0:
         print(f"final: top-1 {top1:.2f} top-{k} {topk:.2f}" + (f" (seed {student.seed})" if args.seeds > 1 else ""))
     return {"seed": student.seed, "top1": top1, f"top{k}": topk, "best_top1": max(best, top1)}
@@ -336,10 +414,48 @@ def write_results(path: Path, figures: dict) -> None:
         tmp.write_text(json.dumps(figures, indent=1))
 
 
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def train_students(args: argparse.Namespace, base: Path, device: torch.device, rank: int, world: int,
+                   amp: torch.dtype | None) -> None:
+    """The students of --seeds, trained one after the other into `base`, and their summary."""
 
+    # the synthetic set, its targets (stored soft labels, an online teacher or hard labels), the real validation set
+    data = ImageFolderDataset(args.train_dir)
+    paths = [path for path, _ in data.samples]
+    hw = views.image_sizes(paths)
+    meta, plan_seed, teacher = label_source(args, data, device, rank, world)
+    val_loader = build_val(args, meta, rank, world, device)
+    check_input_size(build_model(args.model, meta["num_classes"], args.input_size), args.model, args.input_size)
+    shared_by = views.cache_sharing(hw, args.loader)
+    announce("training", device, precision_name(amp), world, rank, f"student {args.model}", f"protocol {args.protocol}",
+             views.describe_cache(hw, shared_by, args.loader),
+             *(["SyncBatchNorm"] if args.sync_bn else []))
+    if math.ceil(len(paths) / args.batch_size) < 2 and rank == 0:
+        print(f"warning: the {len(paths)} images make one batch of --batch-size {args.batch_size}, so every epoch is a "
+              "single optimiser step; a smaller batch gives more", file=sys.stderr)
+
+    # the students, one after the other (online and hard ones each draw their own plans), and their summary
+    students = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        seed_plans = plan_seed + (seed - args.seed if args.protocol != "fkd" else 0)
+        students.append(Student(seed, base / f"seed{seed}" if args.seeds > 1 else base, seed_plans,
+                                student_settings(args, seed, seed_plans, meta["mix_type"], meta["num_classes"])))
+    claim_folder(base, students, args.resume, args.overwrite, rank, world)
+    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
+    runs = []
+    for student in students:
+        runs.append(train_student(args, student, meta, teacher, torch.tensor(data.targets), hw, source, val_loader,
+                                  device, rank, world, amp))
+        if rank == 0 and args.seeds > 1:
+            write_results(student.folder / "results.json", summary(args, runs[-1:], len(paths), len(data.classes)))
+    if rank == 0:
+        figures = summary(args, runs, len(paths), len(data.classes))
+        write_results(base / "results.json", figures)
+        if args.seeds > 1:
+            print(f"final over {args.seeds} seeds: top-1 {figures['top1_mean']:.2f} ± {figures['top1_std']:.2f}")
+
+
+@cli
+def main(args: argparse.Namespace) -> None:
     # set-up: device, processes, precision; the output folder is this run's before any model or label loads
     base = Path(args.output_dir)
     check_writable(base, "--output-dir")
@@ -350,42 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"--gradient-accumulation-steps {args.gradient_accumulation_steps} and {world} processes: "
                          "one must be a multiple of the other")
     with exclusive_run(base / ".lock", f"output folder {base}", rank, world):
-        train_students(Setup(args, device, rank, world, amp_dtype(args.amp, device)), base)
-
-
-def train_students(setup: Setup, base: Path) -> None:
-    """The students of --seeds, trained one after the other into `base`, and their summary."""
-    args, device, rank, world, amp = setup.args, setup.device, setup.rank, setup.world, setup.amp
-
-    # the synthetic set, its targets (stored soft labels, an online teacher or hard labels), the real validation set
-    data = ImageFolderDataset(args.train_dir)
-    paths = [path for path, _ in data.samples]
-    hw = views.image_sizes(paths)
-    labels = build_targets(args, data, hw, device, amp, rank, world)
-    val_loader = build_val(args, labels.meta, rank, world, device)
-    check_input_size(build_model(args.model, labels.meta["num_classes"], args.input_size), args.model, args.input_size)
-    shared_by = views.cache_sharing(hw, args.loader)
-    announce("training", device, precision_name(amp), world, rank, f"student {args.model}", f"protocol {args.protocol}",
-             views.describe_cache(hw, shared_by, args.loader),
-             *(["SyncBatchNorm"] if args.sync_bn else []))
-    if math.ceil(len(paths) / args.batch_size) < 2 and rank == 0:
-        print(f"warning: the {len(paths)} images make one batch of --batch-size {args.batch_size}, so every epoch is a "
-              "single optimiser step; a smaller batch gives more", file=sys.stderr)
-
-    # the students, one after the other, and their summary
-    students = plan_students(args, labels.meta, base, labels.plan_seed, rank, world)
-    source = views.build_source(args.loader, paths, hw, args.input_size, args.workers, rank, shared_by)
-    runs = []
-    for student in students:
-        runs.append(train_student(setup, labels, source, val_loader, student))
-        if rank == 0 and args.seeds > 1:
-            write_results(student.folder / "results.json", summary(args, runs[-1:], len(paths), len(data.classes)))
-    if rank == 0:
-        figures = summary(args, runs, len(paths), len(data.classes))
-        write_results(base / "results.json", figures)
-        if args.seeds > 1:
-            print(f"final over {args.seeds} seeds: top-1 {figures['top1_mean']:.2f} ± {figures['top1_std']:.2f}")
+        train_students(args, base, device, rank, world, amp_dtype(args.amp, device))
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
