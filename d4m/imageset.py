@@ -4,7 +4,6 @@ names and prompts; written by one locked run, resumable image by image, shared b
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence, TypeVar
@@ -61,7 +60,3 @@ def writing_set(root: Path, settings: dict | None, flag: str, rank: int, world: 
             shutil.rmtree(made, ignore_errors=True)
         raise
 
-
-def model_setting(path: str) -> str:
-    """How a set's manifest names its diffusion model: the resolved folder, or the hub id."""
-    return str(Path(path).resolve()) if os.path.isdir(path) else path

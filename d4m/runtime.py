@@ -1,13 +1,11 @@
 """Process-level helpers shared by every script: seeds, torchrun collectives, progress."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -16,16 +14,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from d4m.cli import UsageError
-
-
-@dataclass
-class Setup:
-    """Where a stage runs: its arguments, device, rank and process count, and its classifiers' autocast dtype."""
-    args: argparse.Namespace
-    device: torch.device
-    rank: int
-    world: int
-    amp: torch.dtype | None = None
 
 
 def derive_seed(*keys: int) -> int:

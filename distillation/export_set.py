@@ -25,7 +25,7 @@ from pathlib import Path
 from d4m.cli import ArgumentParser, UsageError, cli
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("set", type=Path, help="the set's folder (stage 2's, or sample_real.py's)")
     parser.add_argument("out", type=Path, help="the folder to write (absent, or empty)")
@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch and datasets load (seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch and datasets load (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import json
 import os
@@ -300,8 +300,7 @@ def export(data: DistilledSet, out: Path, title: str) -> None:
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     data = read_set(args.set)
     export(data, args.out, args.title or args.set.resolve().name)
     print(f"exported {data.size} images of {len(data.names)} classes to {args.out} "
@@ -309,4 +308,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -12,7 +12,7 @@ from d4m.cli import (ArgumentParser, UsageError, add_generator_args, cli, non_ne
                      positive_float, positive_int)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_generator_args(parser, guidance_scale=2.7)
     parser.add_argument("--data_dir", required=True, help="the dataset's folder (its class list; no image is read)")
@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import json
 from pathlib import Path
@@ -51,12 +51,13 @@ from PIL import Image
 from d4m.data import class_count, describe_prompts, resolve_prompts, train_dataset, write_class_list
 from d4m.device import announce, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, load_sampler, pipeline_dtype
-from d4m.imageset import batches, model_setting, my_share, save_image, set_paths, writing_set
+from d4m.imageset import batches, my_share, save_image, set_paths, writing_set
 from d4m.labelcheck import eval_transform
 from d4m.latents import latent_shape
 from d4m.models import load_teacher
-from d4m.outputs import atomic_path, file_digest, text_digest
+from d4m.outputs import atomic_path
 from d4m.runtime import Progress, barrier, init_distributed, seeded_generator
+from d4m.settings import cao2_settings
 
 
 def keep_rule(probabilities: torch.Tensor, label: int, keep: int) -> list[int]:
@@ -107,21 +108,8 @@ def teacher_probabilities(teacher, record: dict, images: list[Image.Image], size
     return teacher(batch).float().softmax(1).cpu()
 
 
-def cao2_settings(args: argparse.Namespace, prompts: list[str], dtype: str) -> dict:
-    """What decides the images (the set's manifest; a resume must match)."""
-    return {"method": "cao2", "model": model_setting(args.diffusion_checkpoints_path), "dtype": dtype,
-            "prompts": text_digest("\n".join(prompts)), "seed": args.seed, "ipc": args.ipc,
-            "teacher": file_digest(args.teacher_path) if args.teacher_path else args.teacher_arch,
-            "candidates": args.candidates, "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale, "optimization_steps": args.optimization_steps,
-            "optimization_lr": args.optimization_lr, "linf_weight": args.linf_weight,
-            "optimization_levels": args.optimization_levels, "size": args.size, "image_size": args.image_size,
-            "resize_filter": args.resize_filter}
-
-
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
@@ -194,4 +182,4 @@ def record_selection(root: Path, label: int, name: str, kept: list[int], predict
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

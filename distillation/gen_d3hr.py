@@ -10,7 +10,7 @@ import argparse
 from d4m.cli import ArgumentParser, UsageError, add_generator_args, cli, non_negative_int, positive_int
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_generator_args(parser, guidance_scale=4.0)
     parser.add_argument("--data_dir", required=True, help="the dataset's folder: its training images are inverted")
@@ -30,8 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import os
 from pathlib import Path
@@ -43,10 +43,11 @@ from torch.utils.data import DataLoader
 from d4m.data import class_count, describe_prompts, resolve_prompts, train_dataset, write_class_list
 from d4m.device import announce, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, load_sampler, pipeline_dtype
-from d4m.imageset import batches, model_setting, my_share, save_image, set_paths, writing_set
+from d4m.imageset import batches, my_share, save_image, set_paths, writing_set
 from d4m.latents import ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, shuffled
-from d4m.outputs import atomic_path, claim_folder_run, exclusive_run, text_digest
+from d4m.outputs import atomic_path, claim_folder_run, exclusive_run
 from d4m.runtime import Progress, barrier, init_distributed, seeded_generator
+from d4m.settings import d3hr_settings
 
 GROUP_CHUNK = 1000  # groups drawn and scored at once; chunk k of class c draws from a generator seeded (seed, c, k)
 MEAN_WEIGHT, STD_WEIGHT, SKEW_WEIGHT = 1.0, 1.0, 0.1  # D3HR's weights of the three gaps
@@ -138,18 +139,8 @@ def sample_groups(args: argparse.Namespace, pipe, stats: Path, classes: list[int
                 bar.update(len(part))
 
 
-def d3hr_settings(args: argparse.Namespace, prompts: list[str], dtype: str) -> dict:
-    """What decides the images (the set's manifest; a resume must match)."""
-    return {"method": "d3hr", "model": model_setting(args.diffusion_checkpoints_path), "dtype": dtype,
-            "data": str(Path(args.data_dir).resolve()), "prompts": text_digest("\n".join(prompts)), "seed": args.seed,
-            "ipc": args.ipc, "num_inference_steps": args.num_inference_steps, "inversion_steps": args.inversion_steps,
-            "inversion_images": args.inversion_images, "guidance_scale": args.guidance_scale, "groups": args.groups,
-            "size": args.size, "image_size": args.image_size, "resize_filter": args.resize_filter}
-
-
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
@@ -192,4 +183,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -11,7 +11,7 @@ from d4m.cli import (ArgumentParser, UsageError, add_generator_args, cli, non_ne
 GUIDED_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")  # the pipeline's GUIDABLE_SCHEDULERS, without importing it
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_generator_args(parser, guidance_scale=4.0)
     parser.add_argument("--prototype_path", required=True,
@@ -35,8 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import functools
 from pathlib import Path
@@ -46,26 +46,15 @@ import torch
 from d4m.data import describe_prompts, write_class_list
 from d4m.device import announce, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, load_sampler, pipeline_dtype
-from d4m.imageset import batches, model_setting, my_share, save_image, set_paths, writing_set
+from d4m.imageset import batches, my_share, save_image, set_paths, writing_set
 from d4m.latents import latent_shape
-from d4m.outputs import file_digest, text_digest
 from d4m.prototypes import PrototypeFile
 from d4m.runtime import Progress, barrier, init_distributed, seeded_generator
-
-
-def mgd3_settings(args: argparse.Namespace, prompts: list[str], dtype: str) -> dict:
-    """What decides the images (the set's manifest; a resume must match)."""
-    return {"method": "mgd3", "model": model_setting(args.diffusion_checkpoints_path), "dtype": dtype,
-            "prototype_file": file_digest(args.prototype_path), "prompts": text_digest("\n".join(prompts)),
-            "seed": args.seed, "ipc": args.ipc, "scheduler": args.scheduler, "num_inference_steps": args.num_inference_steps,
-            "guidance_scale": args.guidance_scale, "mode_guidance_scale": args.mode_guidance_scale,
-            "mode_guidance_stop": args.mode_guidance_stop, "size": args.size, "image_size": args.image_size,
-            "resize_filter": args.resize_filter}
+from d4m.settings import mgd3_settings
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
@@ -114,4 +103,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from d4m.cli import (ArgumentParser, DATASETS, KMEANS_METHODS, PROTOTYPE_FORMATS, UsageError, add_device_args, cli, image_side,
                      non_negative_int, plain_name, positive_int, seed_int)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--batch_size", type=positive_int, default=10,
                         help="images per VAE call (batches never cross classes; 64 or more is faster on a GPU)")
@@ -40,10 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader
 
 from d4m.data import class_count, describe_prompts, resolve_prompts, train_dataset
 from d4m.device import announce, compile_unavailable, memory_format, pick_device, set_deterministic
@@ -51,109 +50,13 @@ from d4m.diffusion import batch_invariant, load_pipeline
 from d4m.kmeans import class_centres, nearest_members
 from d4m.latents import (ResizedImages, class_batches, class_indices, encoded_classes, latent_encoder, latent_shape,
                          shuffled)
-from d4m.prototypes import PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
 from d4m.outputs import check_writable_file, exclusive_run, remove_stale_temporaries
-from d4m.runtime import Progress, Setup, barrier, first_error, from_rank0, init_distributed
+from d4m.prototypes import PrototypeFile, PrototypeWriter, check_json_prompts, prototype_filename
+from d4m.runtime import Progress, barrier, from_rank0, init_distributed, together
+from d4m.settings import prototype_settings
 
 
-@dataclass
-class TrainingSet:
-    """The real training images and what stage 1 records of their classes."""
-    data: Dataset
-    members: list[list[int]]  # each class's image indices
-    prompts: list[str]
-    class_names: list[str]
-    name: str  # names the prototype file and, through it, the later stages' folders
-
-
-def encode_and_cluster(setup: Setup, pipe, train: TrainingSet, classes: list[int], writer: PrototypeWriter,
-                       compiled: bool) -> None:
-    """Encode the images of `classes` (batches of one class, loaded by workers through pinned memory on CUDA),
-    cluster each class once all its latents are in, and write its prototypes to the file."""
-    args, device, data, members = setup.args, setup.device, train.data, train.members
-    batches = class_batches(members, classes, args.seed, args.batch_size)
-    workers = min(args.num_workers, os.cpu_count() or 1)  # more than the machine's cores only slows it down
-    loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    labels = {index: label for label in classes for index in members[label]}
-    encode = latent_encoder(pipe, args.batch_size, compiled)
-    # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
-    bar = Progress(total=len(batches), desc="encoding", rank=setup.rank, unit="batches")
-    with batch_invariant(pipe, device), bar:
-        for label, latents in encoded_classes(encode, loader, labels, args.seed, device, bar):
-            centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand, args.seed,
-                                           label, device)
-            order = shuffled(members[label], args.seed, label)  # the order the class's latents were encoded in
-            nearest = [order[i] for i in nearest_members(latents.flatten(1), centres, device)]
-            writer.write(label, centres.reshape(args.ipc, *latents.shape[1:]), float(f"{score:.8g}"), nearest)
-
-
-def write_prototypes(setup: Setup, pipe, train: TrainingSet, out: Path, compiled: bool) -> None:
-    """Every process encodes and clusters its classes into one temporary file, which rank 0 then names `out`."""
-    args, rank, world, num_classes = setup.args, setup.rank, setup.world, len(train.members)
-    metadata = dict(dataset=args.dataset, name=train.name, ipc=str(args.ipc), km_expand=str(args.km_expand),
-                    size=str(args.size), seed=str(args.seed), class_names=json.dumps(train.class_names),
-                    kmeans=args.kmeans)
-    tmp = from_rank0(out.with_name(f".{out.name}.build{os.getpid()}"), world)
-    writer = PrototypeWriter(out, tmp, train.prompts, (args.ipc, *latent_shape(pipe, args.size)), metadata,
-                             args.prototype_format)
-    if rank == 0:
-        writer.create()
-    barrier()
-    error = ""
-    try:
-        try:
-            encode_and_cluster(setup, pipe, train, list(range(rank, num_classes, world)), writer, compiled)
-        except UsageError as err:
-            error = str(err)
-        error = first_error(error, world)
-        if error:
-            raise UsageError(error)
-        if rank == 0:
-            mean = float(f"{float(PrototypeFile(tmp).inertia().mean()):.8g}")
-            writer.commit()
-    except BaseException:  # a refusal, a crash or an interrupt leaves no full-size temporary file behind
-        if rank == 0:
-            writer.discard()
-        raise
-    if rank == 0:
-        print(f"wrote {num_classes} x {args.ipc} prototypes to {out}")
-        print(f"k-means {args.kmeans}: mean per-class inertia {mean:.6g}")
-
-
-@cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    device = pick_device(args.device)
-    set_deterministic(args.deterministic)
-    rank, world = init_distributed(device, args.dist_timeout)
-    data = train_dataset(args.dataset, args.data_dir)
-    num_classes = class_count(args.dataset, data)
-    class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
-    prompts = resolve_prompts(args.dataset, args.label_file_path, class_names)
-    if args.prototype_format == "json":
-        check_json_prompts(prompts)
-    members = class_indices(data.targets, num_classes)
-    small = [c for c, m in enumerate(members) if len(m) < args.ipc]
-    if small:
-        name, count = class_names[small[0]], len(members[small[0]])
-        raise UsageError(f"class {name} has {count} images, fewer than --ipc {args.ipc}; lower --ipc or add images")
-    name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
-    out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
-    check_writable_file(out, "--save_prototype_path")
-    with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):  # before the model
-        if rank == 0:
-            remove_stale_temporaries(out.parent)  # a killed run's .NAME.build<pid>
-        pipe, compiled = load_encoder(args, device)
-        announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
-                 f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
-        if rank == 0:
-            print(describe_prompts(class_names, prompts), flush=True)
-        write_prototypes(Setup(args, device, rank, world), pipe, TrainingSet(data, members, prompts, class_names, name),
-                         out, compiled)
-
-
-def load_encoder(args: argparse.Namespace, device) -> tuple[object, bool]:
+def load_encoder(args: argparse.Namespace, device: torch.device) -> tuple[object, bool]:
     """The SD pipeline whose VAE encodes the images (diffusers loads here, once the inputs are checked), and
     whether its encoder is compiled."""
     from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
@@ -166,5 +69,73 @@ def load_encoder(args: argparse.Namespace, device) -> tuple[object, bool]:
     return pipe, compiled
 
 
+@cli
+def main(args: argparse.Namespace) -> None:
+    # set-up: device, processes, the real training set and its classes' prompts
+    device = pick_device(args.device)
+    set_deterministic(args.deterministic)
+    rank, world = init_distributed(device, args.dist_timeout)
+    data = train_dataset(args.dataset, args.data_dir)
+    num_classes = class_count(args.dataset, data)
+    class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
+    prompts = resolve_prompts(args.dataset, args.label_file_path, class_names)
+    if args.prototype_format == "json":
+        check_json_prompts(prompts)
+    members = class_indices(data.targets, num_classes)
+    small = [c for c, m in enumerate(members) if len(m) < args.ipc]
+    if small:
+        raise UsageError(f"class {class_names[small[0]]} has {len(members[small[0]])} images, fewer than --ipc "
+                         f"{args.ipc}; lower --ipc or add images")
+    name = args.name or (Path(args.data_dir).resolve().name if args.dataset == "imagefolder" else args.dataset)
+    out = Path(args.save_prototype_path) / prototype_filename(name, args.ipc, args.km_expand, args.prototype_format)
+    check_writable_file(out, "--save_prototype_path")
+
+    with exclusive_run(out.with_name(f".{out.name}.lock"), f"prototype file {out}", rank, world):  # before the model
+        if rank == 0:
+            remove_stale_temporaries(out.parent)  # a killed run's .NAME.build<pid>
+        pipe, compiled = load_encoder(args, device)
+        announce("prototypes", device, str(pipe.vae.dtype).removeprefix("torch."), world, rank,
+                 f"VAE batch {args.batch_size}" + (", compiled encoder" if compiled else ""))
+        if rank == 0:
+            print(describe_prompts(class_names, prompts), flush=True)
+        # every process writes its classes into one temporary file, which rank 0 names `out` once all are in
+        tmp = from_rank0(out.with_name(f".{out.name}.build{os.getpid()}"), world)
+        writer = PrototypeWriter(out, tmp, prompts, (args.ipc, *latent_shape(pipe, args.size)),
+                                 prototype_settings(args, name, class_names), args.prototype_format)
+        if rank == 0:
+            writer.create()
+        barrier()
+
+        # this process's classes (every world-th), loaded by workers in batches that never cross a class
+        classes = list(range(rank, num_classes, world))
+        batches = class_batches(members, classes, args.seed, args.batch_size)
+        workers = min(args.num_workers, os.cpu_count() or 1)  # more than the machine's cores only slows it down
+        loader = DataLoader(ResizedImages(data, args.size), batch_sampler=batches, num_workers=workers,
+                            pin_memory=device.type == "cuda")
+        labels = {index: label for label in classes for index in members[label]}
+        # a closed bar (leave=False) erases itself, so an error that stops the loop stays the only line shown
+        bar = Progress(total=len(batches), desc="encoding", rank=rank, unit="batches")
+        try:
+            # encode each class with the VAE, cluster its latents into `ipc` prototypes, write them
+            with together(world), batch_invariant(pipe, device), bar:
+                encode = latent_encoder(pipe, args.batch_size, compiled)
+                for label, latents in encoded_classes(encode, loader, labels, args.seed, device, bar):
+                    centres, score = class_centres(args.kmeans, latents.flatten(1), args.ipc, args.km_expand,
+                                                   args.seed, label, device)
+                    order = shuffled(members[label], args.seed, label)  # the order the latents were encoded in
+                    nearest = [order[i] for i in nearest_members(latents.flatten(1), centres, device)]
+                    writer.write(label, centres.reshape(args.ipc, *latents.shape[1:]), float(f"{score:.8g}"), nearest)
+            if rank == 0:
+                mean = float(f"{float(PrototypeFile(tmp).inertia().mean()):.8g}")
+                writer.commit()
+        except BaseException:  # a refusal, a crash or an interrupt leaves no full-size temporary file behind
+            if rank == 0:
+                writer.discard()
+            raise
+    if rank == 0:
+        print(f"wrote {num_classes} x {args.ipc} prototypes to {out}")
+        print(f"k-means {args.kmeans}: mean per-class inertia {mean:.6g}")
+
+
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -10,7 +10,7 @@ from d4m.cli import (ArgumentParser, DATASETS, DIFFUSION_DTYPES, RESIZE_FILTERS,
                      finite_float, image_side, non_negative_float, plain_name, positive_int, seed_int)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--batch_size", type=positive_int, default=10, help="images per pipeline call (across classes)")
     parser.add_argument("--diffusion_checkpoints_path", type=str, default="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import functools
 
@@ -61,10 +61,10 @@ import torch
 from d4m.data import NUM_CLASSES, check_same_classes, default_prompt_file, describe_prompts, load_prompts, write_class_list
 from d4m.device import announce, memory_format, pick_device, set_deterministic
 from d4m.diffusion import EmbeddingCache, batch_invariant, compile_unet, load_pipeline, pipeline_dtype
-from d4m.imageset import batches, model_setting, my_share, save_image, set_paths, writing_set
-from d4m.outputs import file_digest, text_digest
+from d4m.imageset import batches, my_share, save_image, set_paths, writing_set
 from d4m.prototypes import PrototypeFile
 from d4m.runtime import Progress, barrier, init_distributed, seeded_generator
+from d4m.settings import synthesis_settings
 
 
 def label_prompts(args: argparse.Namespace, protos: PrototypeFile) -> list[str]:
@@ -89,16 +89,6 @@ def output_dir(args: argparse.Namespace, protos: PrototypeFile) -> Path:
     folder = (f"{name}_ipc{protos.per_class}_{args.ipc}_s{float(args.strength)}_g{float(args.guidance_scale)}"
               f"_kmexpand{args.km_expand}")
     return Path(args.save_init_image_path) / folder
-
-
-def synthesis_settings(args: argparse.Namespace, prompts: list[str], dtype: str) -> dict:
-    """What decides the images, recorded in the output folder's manifest: a resume must use the same (batch size,
-    device and worker count do not change the images; --compile changes their last bits only)."""
-    return {"method": "d4m", "prototype_file": file_digest(args.prototype_path), "prompts": text_digest("\n".join(prompts)),
-            "model": model_setting(args.diffusion_checkpoints_path), "dtype": dtype, "seed": args.seed, "ipc": args.ipc,
-            "strength": args.strength, "guidance_scale": args.guidance_scale,
-            "num_inference_steps": args.num_inference_steps, "negative_prompt": args.negative_prompt,
-            "image_size": args.image_size, "resize_filter": args.resize_filter, "safety_checker": args.safety_checker}
 
 
 def synthesize(args: argparse.Namespace, pipe, protos: PrototypeFile, prompts: list[str],
@@ -147,8 +137,7 @@ def load_synthesis_pipeline(args: argparse.Namespace, device: torch.device, rank
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
@@ -179,4 +168,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -16,7 +16,7 @@ from pathlib import Path
 from d4m.cli import ArgumentParser, DATASETS, UsageError, cli, image_side, positive_int, seed_int
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
     parser.add_argument("--data_dir", "--data-dir", required=True)
@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import numpy as np
 
@@ -75,8 +75,7 @@ def nearest_per_class(path: str, class_names: list[str], ipc: int | None) -> lis
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     data = train_dataset(args.dataset, args.data_dir)
     num_classes = class_count(args.dataset, data)
     class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
@@ -114,4 +113,4 @@ def write_images(data, picks: list[list[int]], output: Path, size: int | None) -
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -22,7 +22,6 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 from d4m.cli import (ArgumentParser, DATASETS, UsageError, cli, finite_float, non_negative_float, non_negative_int, positive_float,
                      positive_int, seed_int)
@@ -31,7 +30,7 @@ from d4m.cli import (ArgumentParser, DATASETS, UsageError, cli, finite_float, no
 DEFAULT_NEGATIVE = "cartoon, anime, painting"
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=[d for d in DATASETS if d != "imagenet"])
     p.add_argument("--data_dir", "--data-dir", required=True,
@@ -75,8 +74,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--text_dim must be a multiple of 4 and --unet_channels multiples of 8")
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import numpy as np
 import torch
@@ -263,8 +262,7 @@ def write_samples(folder: Path, prompts: list[str], path: str, seed: int, per_cl
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     check_outputs(args)
     device = pick_device(args.device)
     announce("tiny LDM training", device, "float32", 1)
@@ -295,4 +293,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

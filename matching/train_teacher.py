@@ -13,7 +13,6 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 from d4m.cli import (ArgumentParser, UsageError, cli, non_negative_float, non_negative_int, positive_float,
                      positive_int, seed_int)
@@ -21,7 +20,7 @@ from d4m.cli import (ArgumentParser, UsageError, cli, non_negative_float, non_ne
 DATASET_CHOICES = ("cifar10", "cifar100", "tiny_imagenet", "fashion_mnist", "imagefolder")
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, choices=DATASET_CHOICES)
     p.add_argument("--data-dir", "--data_dir", required=True, help="dataset folder (ImageFolder datasets: the folder holding train/ and val/)")
@@ -43,8 +42,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import torch
 import torch.nn as nn
@@ -165,8 +164,7 @@ def train(args: argparse.Namespace, model: nn.Module, train_loader: DataLoader, 
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     complete_args(args)
     device = pick_device(args.device)
     announce("teacher training", device, "float32", 1, 0, f"{args.arch} at {args.input_size} px")
@@ -183,4 +181,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -27,10 +27,17 @@ def load_script(relpath: str):
     return module
 
 
-def run_script(relpath: str, args: list[str]) -> int:
-    """Run a script's main(args) in this process; returns its exit status."""
+def run_main(module, args: list) -> None:
+    """A script's command line in this process: its flags parsed (a refusal exits with status 2), then its main."""
+    from d4m.cli import cli
+
+    module.main(cli(module.parse_args)([str(a) for a in args]))
+
+
+def run_script(relpath: str, args: list) -> int:
+    """Run a script's command line in this process; returns its exit status."""
     try:
-        load_script(relpath).main([str(a) for a in args])
+        run_main(load_script(relpath), args)
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else 1
     return 0

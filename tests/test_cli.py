@@ -12,7 +12,8 @@ from fkd_helpers import MATCH, match_args, tiny_setup
 
 SCRIPTS = ["distillation/gen_prototype.py", "distillation/gen_syn_image.py", "distillation/sample_real.py",
            "distillation/train_tiny_ldm.py", "matching/generate_soft_label.py", "matching/train_teacher.py",
-           "validate/train_FKD.py", "validate/evaluate.py", "validate/report.py"]
+           "validate/train_FKD.py", "validate/evaluate.py", "validate/report.py", "distillation/gen_mgd3.py",
+           "distillation/gen_d3hr.py", "distillation/gen_cao2.py", "distillation/export_set.py"]
 PROBE = """
 import runpy, sys
 sys.argv = sys.argv[1:]

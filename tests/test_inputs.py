@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, load_script, make_image_folder, one_error_line, run_script
+from conftest import REPO, load_script, make_image_folder, one_error_line, run_main, run_script
 from d4m.cli import UsageError
 from d4m.data import ImageFolderDataset, load_rgb, write_class_list
 from d4m.models import build_model, save_teacher
@@ -403,7 +403,7 @@ def test_a_failed_prototype_run_leaves_no_build_file(tmp_path, tiny_sd, capsys, 
 
     monkeypatch.setattr(module, "class_centres", crash)
     with pytest.raises(RuntimeError, match="a crash while clustering"):
-        module.main([str(a) for a in args])
+        run_main(module, args)
     assert not out.exists() or not list(out.iterdir())
     monkeypatch.undo()
     out.mkdir(exist_ok=True)

@@ -32,7 +32,7 @@ from d4m.cli import (ArgumentParser, DATASETS, MIX_TYPES, PROTOCOLS, UsageError,
                      non_negative_int, positive_float, positive_int)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--set", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
                    help="an image set (ImageFolder) to evaluate, e.g. d4m=..., random=..., nearest=...; several "
@@ -94,8 +94,8 @@ def parse_set(text: str) -> tuple[str, list[Path]]:
     return name, [Path(folder) for folder in folders.split(",")]
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import torch
 from torch.utils.data import Subset
@@ -128,7 +128,8 @@ def run(script: Path, argv: list, log: Path, nproc: int) -> None:
         else:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 try:
-                    runpy.run_path(str(script), run_name="stage")["main"](argv)
+                    stage = runpy.run_path(str(script), run_name="stage")
+                    stage["main"](cli(stage["parse_args"])(argv))
                     status = 0
                 except SystemExit as stop:
                     status = stop.code if isinstance(stop.code, int) else 1
@@ -330,12 +331,11 @@ def evaluate_all(args: argparse.Namespace) -> None:
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     check_writable(args.output, "--output")
     with exclusive(Path(args.output) / ".lock", f"evaluation folder {args.output}"):
         evaluate_all(args)
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -19,7 +19,7 @@ from pathlib import Path
 from d4m.cli import ArgumentParser, DATASETS, UsageError, cli, non_negative_float
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--evals", nargs="+", required=True, help="output folders of validate/evaluate.py")
     p.add_argument("--dataset", default="fashion_mnist", choices=DATASETS)
@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":  # --help, and a bad flag, answered before torch loads (which takes seconds)
-    cli(parse_args)(None)
+if __name__ == "__main__":  # the flags are checked before torch loads (seconds): --help answers at once
+    ARGS = cli(parse_args)()
 
 import numpy as np
 import torch
@@ -273,8 +273,7 @@ def markdown(rows: list[dict], teacher: float, teacher_arch: str) -> str:
 
 
 @cli
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> None:
     for flag in ("output_json", "curve", "models_figure", "figure"):
         if getattr(args, flag):
             check_writable_file(getattr(args, flag), "--" + flag.replace("_", "-"))
@@ -338,4 +337,4 @@ def gaps_table(scores: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
