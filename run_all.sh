@@ -20,12 +20,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 DATASET=${1:-fashion_mnist}
-export IPC=${IPC:-10}
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
-fi
-export PYTHON
-
 case "$DATASET" in
     imagenet)
         bash distillation/gen_prototype_imgnt.sh
@@ -44,117 +38,76 @@ case "$DATASET" in
         echo "error: unknown dataset '$DATASET'; choose fashion_mnist (default), imagefolder, imagenet, tiny_imagenet, cifar10 or cifar100" >&2
         exit 2 ;;
 esac
-
-export OUT_DIR=${OUT_DIR:-outputs}
+USER_SD_MODEL=${SD_MODEL:-} USER_TEACHER=${TEACHER:-}
+source d4m/launch.sh "$DATASET"  # the environment, NAME, the stage commands (prototypes, synthesis), PY and RUN
 FIGURES=${FIGURES:-$OUT_DIR}
 IPCS=${IPCS:-$IPC}
-SEEDS=${SEEDS:-1}
 MODELS=${MODELS:-convnet}
 PROTOCOLS=${PROTOCOLS:-fkd,hard}
 EPOCHS=${EPOCHS:-150}
-for value in $IPCS $SEEDS $EPOCHS; do
-    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: IPCS, SEEDS and EPOCHS take positive integers, got '$value'" >&2; exit 2; }
+for value in $IPCS $EPOCHS; do
+    [[ $value =~ ^[1-9][0-9]*$ ]] || { echo "error: IPCS and EPOCHS take positive integers, got '$value'" >&2; exit 2; }
 done
-RUN=("$PYTHON")
-if [ -n "${NPROC:-}" ]; then
-    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "error: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
-    RUN=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC")
-fi
 FLIP=()
 if [ -n "${NO_FLIP:-}" ]; then FLIP=(--no-flip); fi
 echo "== every stage takes this machine's GPU when torch can use one, else the CPU (this chain is sized for a CPU)"
 export D4M_CPU_NOTED=1  # said here once, so the stages do not each warn of the CPU
 
 if [ "$DATASET" = fashion_mnist ]; then
-    export DATA_DIR=${DATA_DIR:-data/fashion_mnist}
-    export SD_MODEL=${SD_MODEL:-models/fashion_mnist/ldm}
-    export TEACHER=${TEACHER:-models/fashion_mnist/teacher_convnet.pt}
-    NAME=fashion_mnist
-    IMAGE_SIZE=32
+    IMAGE_SIZE=32 LDM_SIZE=32
     REAL_SIZE=()  # the real images keep their 28 px: the students' crops bring every image to 32 px
 else
-    if [ -z "${DATA_DIR:-}" ] || [ ! -d "$DATA_DIR/train" ] || [ ! -d "$DATA_DIR/val" ]; then
-        echo "error: run_all.sh imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders" >&2
-        exit 2
-    fi
-    NAME=${NAME:-$(basename "$(cd "$DATA_DIR" && pwd)")}
-    if [ -z "${SD_MODEL:-}" ]; then
+    if [ -z "$USER_SD_MODEL" ]; then
         IMAGE_SIZE=${IMAGE_SIZE:-32}
         LDM_SIZE=${LDM_SIZE:-$IMAGE_SIZE}
-        SD_MODEL=$OUT_DIR/models/$NAME/ldm
         if [ ! -e "$SD_MODEL/model_index.json" ]; then
             echo "== no SD_MODEL: a tiny LDM trained on $DATA_DIR ($SD_MODEL)"
             # shellcheck disable=SC2086  # LDM_FLAGS holds several flags
-            "$PYTHON" distillation/train_tiny_ldm.py --dataset imagefolder --data-dir "$DATA_DIR" --output "$SD_MODEL" \
+            "$PY" distillation/train_tiny_ldm.py --dataset imagefolder --data-dir "$DATA_DIR" --output "$SD_MODEL" \
                 --image_size "$LDM_SIZE" ${LDM_FLAGS:-}
         fi
     else
         IMAGE_SIZE=${IMAGE_SIZE:-224}
         LDM_SIZE=${LDM_SIZE:-512}
     fi
-    if [ -z "${TEACHER:-}" ]; then
-        TEACHER=$OUT_DIR/models/$NAME/teacher_convnet.pt
-        if [ ! -e "$TEACHER" ]; then
-            echo "== no TEACHER: a ConvNet teacher trained on $DATA_DIR ($TEACHER)"
-            # shellcheck disable=SC2086  # TEACHER_FLAGS holds several flags
-            "$PYTHON" matching/train_teacher.py --dataset imagefolder --data-dir "$DATA_DIR" -a convnet \
-                --input-size "$IMAGE_SIZE" "${FLIP[@]}" --output "$TEACHER" ${TEACHER_FLAGS:-}
-        fi
+    if [ -z "$USER_TEACHER" ] && [ ! -e "$TEACHER" ]; then
+        echo "== no TEACHER: a ConvNet teacher trained on $DATA_DIR ($TEACHER)"
+        # shellcheck disable=SC2086  # TEACHER_FLAGS holds several flags
+        "$PY" matching/train_teacher.py --dataset imagefolder --data-dir "$DATA_DIR" -a convnet \
+            --input-size "$IMAGE_SIZE" "${FLIP[@]}" --output "$TEACHER" ${TEACHER_FLAGS:-}
     fi
-    export DATA_DIR SD_MODEL TEACHER
     REAL_SIZE=(--size "$IMAGE_SIZE")  # real photos of any size, made the size of D4M's images
 fi
-
-prototypes() {
-    if [ "$DATASET" = fashion_mnist ]; then
-        bash distillation/gen_prototype_fashion_mnist.sh
-    elif [ ! -e "$PROTOTYPES" ]; then
-        "${RUN[@]}" distillation/gen_prototype.py --dataset imagefolder --data-dir "$DATA_DIR" --name "$NAME" \
-            --diffusion_checkpoints_path "$SD_MODEL" --ipc "$IPC" --km_expand 1 --size "$LDM_SIZE" \
-            --save_prototype_path "$OUT_DIR/prototypes"
-    fi
-}
-
-synthesis() {
-    if [ "$DATASET" = fashion_mnist ]; then
-        bash distillation/gen_syn_image_fashion_mnist.sh
-    else
-        "${RUN[@]}" distillation/gen_syn_image.py --dataset imagefolder --diffusion_checkpoints_path "$SD_MODEL" \
-            --prototype_path "$PROTOTYPES" --save_init_image_path "$OUT_DIR/syn" --ipc "$IPC" --km_expand 1 \
-            --guidance_scale 8 --strength 0.7 --image_size "$IMAGE_SIZE"
-    fi
-}
 
 start=$(date +%s)
 EVALS=()
 for IPC in $IPCS; do
-    export IPC
-    SYN=$OUT_DIR/syn/${NAME}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1
-    PROTOTYPES=$OUT_DIR/prototypes/$NAME-ipc${IPC}-kmexpand1.safetensors
+    stage_names
+    SYN=$OUT_DIR/syn/$SET_NAME
     echo "== IPC $IPC: 1/4 prototypes"
-    prototypes
+    if [ "$DATASET" = fashion_mnist ] || [ ! -e "$PROTOTYPES" ]; then prototypes --size "$LDM_SIZE"; fi
     echo "== IPC $IPC: 2/4 synthesis"
-    synthesis
+    synthesis --image_size "$IMAGE_SIZE"
     echo "== IPC $IPC: 3/4 baselines: $SEEDS random draw(s), the real images nearest to the prototypes"
     RANDOM_SETS=""
     for seed in $(seq 0 $(( SEEDS - 1 ))); do
         SET=$OUT_DIR/syn/real_${NAME}_ipc${IPC}_seed$seed
-        [ -e "$SET/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset "$DATASET" --data-dir "$DATA_DIR" \
+        [ -e "$SET/classes.json" ] || "$PY" distillation/sample_real.py --dataset "$DATASET" --data-dir "$DATA_DIR" \
             --select random --seed "$seed" --ipc "$IPC" "${REAL_SIZE[@]}" --output "$SET"
         RANDOM_SETS=${RANDOM_SETS:+$RANDOM_SETS,}$SET
     done
     NEAREST=$OUT_DIR/syn/nearest_${NAME}_ipc${IPC}
-    [ -e "$NEAREST/classes.json" ] || "$PYTHON" distillation/sample_real.py --dataset "$DATASET" --data-dir "$DATA_DIR" \
+    [ -e "$NEAREST/classes.json" ] || "$PY" distillation/sample_real.py --dataset "$DATASET" --data-dir "$DATA_DIR" \
         --select nearest --prototype_path "$PROTOTYPES" "${REAL_SIZE[@]}" --output "$NEAREST"
     echo "== IPC $IPC: 4/4 matching and students ($MODELS; $PROTOCOLS; $SEEDS seed(s))"
-    "$PYTHON" validate/evaluate.py --dataset "$DATASET" --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
+    "$PY" validate/evaluate.py --dataset "$DATASET" --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
         --set "d4m=$SYN" --set "random=$RANDOM_SETS" --set "nearest=$NEAREST" \
         --models "$MODELS" --protocols "$PROTOCOLS" --seeds "$SEEDS" "${FLIP[@]}" --nproc "${NPROC:-1}" \
         --epochs "$EPOCHS" -b 50 --input-size "$IMAGE_SIZE" -T 20 --use-fp16 -j 0 --output "$OUT_DIR/eval/${NAME}_ipc$IPC" \
         ${EVAL_FLAGS:-}
     EVALS+=("$OUT_DIR/eval/${NAME}_ipc$IPC")
 done
-"$PYTHON" validate/report.py --dataset "$DATASET" --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
+"$PY" validate/report.py --dataset "$DATASET" --data-dir "$DATA_DIR" --teacher-path "$TEACHER" \
     --evals "${EVALS[@]}" --output-json "$OUT_DIR/results_$NAME.json" \
     --curve "$FIGURES/${NAME}_ipc_curve.png" --models-figure "$FIGURES/${NAME}_models.png" \
     --figure "$FIGURES/${NAME}_d4m.png" --syn-images "$SYN" \

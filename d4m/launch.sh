@@ -9,6 +9,8 @@
 #   NAME      names the outputs (default: the dataset, or an image folder's own name); for DATASET imagefolder,
 #             SD_MODEL and TEACHER default to what run_all.sh imagefolder trains: $OUT_DIR/models/$NAME/
 #   IPC       images per class; the stages find each other's folders by it (default 10)
+#   STRENGTH, GUIDANCE  stage 2's img2img strength and classifier-free guidance (default the paper's 0.7 and 8); they
+#             name the folder stages 2, 3 and 4 share, so they are set here, not as flags of one stage
 #   SEEDS     students trained by stage 4, seeds 0 .. SEEDS-1, reported as mean and std (default 1)
 #   OUT_DIR   $OUT_DIR/prototypes, syn, fkd and student (default outputs)
 #   NPROC     run the stage under torchrun with that many processes (default: one process, no torchrun)
@@ -48,8 +50,25 @@ RUN=("$PY")
 if [ -n "${NPROC:-}" ]; then RUN=("$PY" -m torch.distributed.run --nproc_per_node "$NPROC"); fi
 PROMPTS=()  # the shipped prompts of the paper's datasets; an image folder's prompts are its class names
 if [ -e "distillation/label-prompt/$DATASET.txt" ]; then PROMPTS=(--label_file_path "distillation/label-prompt/$DATASET.txt"); fi
-PROTOTYPES=$OUT_DIR/prototypes/$NAME-ipc$IPC-kmexpand1.safetensors
-SET_NAME=${NAME}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1  # the folder stages 2, 3 and 4 share
+
+float_name() {  # $2 as Python's str(float()) writes it (0.70 -> 0.7, 8 -> 8.0), as gen_syn_image.py names its folder
+    [[ $2 =~ [0-9] && $2 =~ ^([0-9]*)(\.([0-9]*))?$ ]] || {
+        echo "error: $1 must be a plain decimal number (e.g. 0.7), got '$2'" >&2; exit 2; }
+    local whole=${BASH_REMATCH[1]} fraction=${BASH_REMATCH[3]}
+    while [[ $fraction == *0 ]]; do fraction=${fraction%0}; done
+    echo "$(( 10#${whole:-0} )).${fraction:-0}"
+}
+STRENGTH=$(float_name STRENGTH "${STRENGTH:-0.7}")
+GUIDANCE=$(float_name GUIDANCE "${GUIDANCE:-8}")
+
+set_folder() {  # the folder stage 2 writes for the set name $1 at this IPC, strength and guidance
+    echo "${1}_ipc${IPC}_${IPC}_s${STRENGTH}_g${GUIDANCE}_kmexpand1"
+}
+stage_names() {  # PROTOTYPES (stage 1's file) and SET_NAME (the folder stages 2, 3 and 4 share) of this IPC
+    PROTOTYPES=$OUT_DIR/prototypes/$NAME-ipc$IPC-kmexpand1.safetensors
+    SET_NAME=$(set_folder "$NAME")
+}
+stage_names
 
 rded_batch() {  # RDED's batch for CLASSES classes: 10 at IPC 1, 50 up to IPC 10, 100 above, doubled from 100 classes
     local classes=$1 batch
@@ -64,10 +83,17 @@ prototypes() {  # stage 1
         --batch_size 10 --save_prototype_path "$OUT_DIR/prototypes" "$@"
 }
 
-synthesis() {  # stage 2, with the paper's guidance 8 and strength 0.7
+synthesis() {  # stage 2, with STRENGTH and GUIDANCE (the paper's 0.7 and 8 by default)
+    local arg
+    for arg in "$@"; do
+        case $arg in --strength*|--guidance_scale*|-[sg]*)
+            echo "error: $arg names the folder that matching and training read; set STRENGTH or GUIDANCE instead" \
+                "(e.g. STRENGTH=0.5), which reaches every stage" >&2; exit 2 ;;
+        esac
+    done
     "${RUN[@]}" distillation/gen_syn_image.py --dataset "$DATASET" --diffusion_checkpoints_path "$SD_MODEL" \
-        "${PROMPTS[@]}" --prototype_path "$PROTOTYPES" \
-        --save_init_image_path "$OUT_DIR/syn" --ipc "$IPC" --km_expand 1 --guidance_scale 8 --strength 0.7 "$@"
+        "${PROMPTS[@]}" --prototype_path "$PROTOTYPES" --save_init_image_path "$OUT_DIR/syn" --ipc "$IPC" \
+        --km_expand 1 --guidance_scale "$GUIDANCE" --strength "$STRENGTH" "$@"
 }
 
 matching() {  # stage 3: soft labels stored in fp16, CutMix

@@ -323,7 +323,7 @@ def test_run_all_fashion_mnist_loops_over_ipcs_and_seeds(recorder, tmp_path):
     assert report[report.index("--evals") + 1:report.index("--evals") + 3] == [
         "/o/eval/fashion_mnist_ipc1", "/o/eval/fashion_mnist_ipc2"]
     bad = run_bash("run_all.sh", launcher_env(PYTHON=python, ARGV_LOG=log, SEEDS="x"), tmp_path)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: IPCS, SEEDS and EPOCHS take positive integers")
+    assert bad.returncode == 2 and bad.stderr == "error: SEEDS must be a positive integer, got 'x'\n"
 
 
 @pytest.mark.parametrize("dataset,expected", [("cifar10", {1: 10, 10: 50, 50: 100}),
@@ -377,7 +377,7 @@ def test_run_all_imagefolder_trains_what_is_missing_and_evaluates_an_own_dataset
 def test_run_all_imagefolder_without_data_is_one_line(tmp_path):
     run = run_bash("run_all.sh", launcher_env(OUT_DIR=tmp_path / "out"), tmp_path, "imagefolder")
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-        "error: run_all.sh imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders"]
+        "error: imagefolder needs DATA_DIR, a folder holding train/<class>/ and val/<class>/ image folders"]
     assert not (tmp_path / "out").exists()
 
 
@@ -401,34 +401,56 @@ def test_the_training_launcher_resumes_the_run_its_folder_holds(recorder, tmp_pa
         held.unlink()
 
 
-def test_the_beyond_d4m_comparison_trains_every_set_under_one_protocol(recorder, tmp_path):
-    """validate/beyond_d4m.sh: per IPC, k-means and group-sampled prototypes, the faithful synthesis and each
-    option (and their combination), the real baselines, and one evaluation of all seven sets."""
+def test_the_comparison_makes_every_set_per_seed_and_evaluates_them_together(recorder, tmp_path):
+    """validate/compare.sh: per IPC, the prototypes, one generator call per set and seed (its --seed), one random
+    real draw per seed, the nearest real images once, one evaluation of all six sets and the report."""
     python, log = recorder
     env = launcher_env(PYTHON=python, ARGV_LOG=log, OUT_DIR="/o", DATA_DIR="/d", IPCS="2", SEEDS=2)
-    run = run_bash("validate/beyond_d4m.sh", env, tmp_path)
+    run = run_bash("validate/compare.sh", env, tmp_path)
     assert run.returncode == 0, run.stderr
     argvs = recorded(log)
-    # (the recording interpreter writes no prototype file, so each set asks for its prototypes again)
-    stages = [a for a in argvs if a[0] != "distillation/gen_prototype.py"]
-    assert [a[0] for a in stages] == ["distillation/gen_syn_image.py"] * 5 + ["distillation/sample_real.py"] * 3 + [
-        "validate/evaluate.py", "validate/report.py"]
-    assert {"--kmeans" in a and flag(a, "--kmeans") == "groups" for a in argvs if a[0].endswith("gen_prototype.py")} \
-        == {True, False}
-    assert flag(stages[1], "--mode_guidance") == "0.5" and flag(stages[2], "--candidates") == "4"
-    assert flag(stages[3], "--prototype_path").endswith("fashion_mnist_groups-ipc2-kmexpand1.safetensors")
+    generators = ["distillation/gen_syn_image.py", "distillation/gen_mgd3.py", "distillation/gen_d3hr.py",
+                  "distillation/gen_cao2.py"]
+    assert [a[0] for a in argvs] == ["distillation/gen_prototype.py", *[g for g in generators for _ in range(2)],
+                                     *["distillation/sample_real.py"] * 3, "validate/evaluate.py", "validate/report.py"]
+    for k, argv in enumerate(argvs[1:9]):
+        assert flag(argv, "--seed") == str(k % 2) and flag(argv, "--ipc") == "2"
+    randoms = argvs[9:11]
+    assert [flag(a, "--select") for a in argvs[9:12]] == ["random", "random", "nearest"]
+    assert [flag(a, "--seed") for a in randoms] == ["0", "1"]
     evaluate = argvs[-2]
     sets = [v for k, v in zip(evaluate, evaluate[1:]) if k == "--set"]
-    syn = "/o/syn/fashion_mnist{}_ipc2_2_s0.7_g8.0_kmexpand1{}"
-    assert sets == [f"d4m={syn.format('', '')}", f"mode={syn.format('', '_mg0.5-25')}",
-                    f"select={syn.format('', '_c4-diverse')}", f"groups={syn.format('_groups', '')}",
-                    f"combined={syn.format('_groups', '_c4-diverse')}",
-                    "random=/o/syn/real_fashion_mnist_ipc2_seed0,/o/syn/real_fashion_mnist_ipc2_seed1",
+    folders = lambda pattern: ",".join(pattern.format(seed) for seed in (0, 1))  # noqa: E731
+    assert sets == ["d4m=" + folders("/o/syn/fashion_mnist_seed{}_ipc2_2_s0.7_g8.0_kmexpand1"),
+                    "mgd3=" + folders("/o/syn/fashion_mnist_mgd3_ipc2_seed{}"),
+                    "d3hr=" + folders("/o/syn/fashion_mnist_d3hr_ipc2_seed{}"),
+                    "cao2=" + folders("/o/syn/fashion_mnist_cao2_ipc2_seed{}"),
+                    "random=" + folders("/o/syn/real_fashion_mnist_ipc2_seed{}"),
                     "nearest=/o/syn/nearest_fashion_mnist_ipc2"]
-    assert flag(evaluate, "--seeds") == "2" and flag(evaluate, "--protocols") == "fkd"
-    run = run_bash("validate/beyond_d4m.sh", {**env, "SETS": "d4m groups"}, tmp_path)
+    assert flag(evaluate, "--seeds") == "2" and flag(evaluate, "--protocols") == "fkd,hard"
+    assert argvs[-1][0] == "validate/report.py" and flag(argvs[-1], "--evals") == "/o/eval/compare_ipc2"
+    run = run_bash("validate/compare.sh", {**env, "SETS": "d4m random", "STRENGTH": "0.5"}, tmp_path)
     assert run.returncode == 0, run.stderr
     evaluate = [a for a in recorded(log) if a[0] == "validate/evaluate.py"][-1]
-    assert [v.split("=")[0] for k, v in zip(evaluate, evaluate[1:]) if k == "--set"] == ["d4m", "groups"]
-    bad = run_bash("validate/beyond_d4m.sh", {**env, "SETS": "d4m best"}, tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown set 'best' in SETS")
+    sets = [v for k, v in zip(evaluate, evaluate[1:]) if k == "--set"]
+    assert [v.split("=")[0] for v in sets] == ["d4m", "random"] and "_s0.5_g8.0_" in sets[0]
+    bad = run_bash("validate/compare.sh", {**env, "SETS": "d4m best"}, tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: unknown set 'best' in SETS; choose from d4m mgd3 d3hr cao2 random nearest"]
+
+
+def test_strength_and_guidance_name_the_folder_every_stage_reads(recorder, tmp_path):
+    """STRENGTH and GUIDANCE reach stage 2's flags and the folder matching and training read; given to the synthesis
+    launcher as a flag, which would leave the later stages on another folder, they are refused in one line."""
+    python, log = recorder
+    env = launcher_env(PYTHON=python, ARGV_LOG=log, STRENGTH="0.50", GUIDANCE="4")
+    _, synthesis, matching, training = commands(BY_NAME["cifar10"], recorder, tmp_path, STRENGTH="0.50", GUIDANCE="4")
+    assert (flag(synthesis, "--strength"), flag(synthesis, "--guidance_scale")) == ("0.5", "4.0")
+    name = "cifar10_ipc10_10_s0.5_g4.0_kmexpand1"
+    assert flag(matching, "--data") == f"outputs/syn/{name}" and flag(training, "--train-dir") == f"outputs/syn/{name}"
+    for flags in (["--strength", "0.5"], ["-g", "4"], ["--guidance_scale=4"]):
+        run = run_bash("distillation/gen_syn_image_cifar10.sh", env, tmp_path, *flags)
+        assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
+        assert run.stderr.startswith(f"error: {flags[0]} names the folder that matching and training read")
+    run = run_bash("distillation/gen_syn_image_cifar10.sh", {**env, "STRENGTH": "half"}, tmp_path)
+    assert run.returncode == 2 and run.stderr == "error: STRENGTH must be a plain decimal number (e.g. 0.7), got 'half'\n"

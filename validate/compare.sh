@@ -5,7 +5,7 @@
 #                                                 # `run_all.sh imagefolder` trained (or your SD_MODEL and TEACHER)
 #   NPROC=8 IPCS=10 SEEDS=3 bash validate/compare.sh imagenet      # a paper dataset with its launchers' settings
 # Sets (SETS, default all six), one folder per seed k (its synthesis seed and its students' seed are both k):
-#   d4m     the paper's chain: k-means prototypes (stage 1, seed 0), img2img at strength 0.7, guidance 8
+#   d4m     the paper's chain: k-means prototypes (stage 1, seed 0), img2img at STRENGTH 0.7, GUIDANCE 8
 #   mgd3    distillation/gen_mgd3.py: pure noise, DDPM, mode guidance toward the same prototypes
 #   d3hr    distillation/gen_d3hr.py: DDIM-inverted class Gaussians, the best of 100,000 groups, DDIM decoding
 #   cao2    distillation/gen_cao2.py: 4 x IPC candidates, the teacher keeps IPC, latent optimisation
@@ -83,7 +83,7 @@ make_set() {  # SET: make its folder for each seed at this IPC (what exists is k
         case $1 in
             d4m) synthesis --image_size "$IMAGE_SIZE" --batch_size "$GEN_BATCH" --seed "$seed" \
                      --name "${NAME}_seed$seed" >&2
-                 folder=$OUT_DIR/syn/${NAME}_seed${seed}_ipc${IPC}_${IPC}_s0.7_g8.0_kmexpand1 ;;
+                 folder=$OUT_DIR/syn/$(set_folder "${NAME}_seed$seed") ;;
             mgd3) "${RUN[@]}" distillation/gen_mgd3.py "${COMMON[@]}" --ipc "$IPC" --prototype_path "$PROTOTYPES" \
                       --seed "$seed" >&2
                   folder=$OUT_DIR/syn/${NAME}_mgd3_ipc${IPC}_seed$seed ;;
@@ -114,7 +114,7 @@ COSTS=$OUT_DIR/${EVAL}_costs.tsv  # IPC, set, seconds, images made (all seeds): 
 mkdir -p "$OUT_DIR"
 : > "$COSTS"
 for IPC in $IPCS; do
-    PROTOTYPES=$OUT_DIR/prototypes/$NAME-ipc$IPC-kmexpand1.safetensors
+    stage_names
     echo "== IPC $IPC: the prototypes (stage 1), then the sets $SETS ($SEEDS seeds)"
     if [[ " $SETS " =~ " "(d4m|mgd3|nearest)" " ]] && [ ! -e "$PROTOTYPES" ]; then
         prototypes --ipc "$IPC" --size "$SIZE" --batch_size "$GEN_BATCH"
