@@ -15,7 +15,7 @@ from d4m.cli import (ArgumentParser, UsageError, add_generator_args, cli, non_ne
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_generator_args(parser, guidance_scale=2.7)
-    parser.add_argument("--data_dir", required=True, help="the dataset's folder (its class list; no image is read)")
+    parser.add_argument("--data_dir", "--data-dir", required=True, help="the dataset's folder (its class list; no image is read)")
     parser.add_argument("--teacher_path", "--teacher-path", default=None, help="the selecting teacher: a file of "
                                                                                "matching/train_teacher.py")
     parser.add_argument("--teacher_arch", "--teacher-arch", default=None,

@@ -13,7 +13,7 @@ from d4m.cli import ArgumentParser, UsageError, add_generator_args, cli, non_neg
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     add_generator_args(parser, guidance_scale=4.0)
-    parser.add_argument("--data_dir", required=True, help="the dataset's folder: its training images are inverted")
+    parser.add_argument("--data_dir", "--data-dir", required=True, help="the dataset's folder: its training images are inverted")
     parser.add_argument("--inversion_images", type=positive_int, default=500,
                         help="real images inverted per class (a seeded choice; D3HR inverts all, ~1,300 on ImageNet)")
     parser.add_argument("--inversion_steps", type=positive_int, default=30,
