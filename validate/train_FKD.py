@@ -117,7 +117,8 @@ from torch.utils.data import DataLoader, Subset
 
 from d4m import fkd, labelcheck, store, views
 from d4m.checkpoint import CHECKPOINT, Student, Training, claim_folder, resume, resume_path, state_of, write_metrics
-from d4m.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, check_images, check_same_classes, read_class_list, val_dataset
+from d4m.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, check_images, check_same_classes, read_class_list,
+                      val_dataset)
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
 from d4m.figures import mean_std
@@ -310,14 +311,16 @@ def train_student(args: argparse.Namespace, student: Student, meta: dict, teache
     out, num_classes, accumulation = student.folder, meta["num_classes"], args.gradient_accumulation_steps
     # the loss: the original's KL at temperature T against teacher logits, or a soft cross-entropy against the mixed
     # one-hot rows of protocol hard
-    loss_of = soft_cross_entropy_sum if args.protocol == "hard" else functools.partial(kl_sum, temperature=args.temperature)
+    loss_of = (soft_cross_entropy_sum if args.protocol == "hard"
+               else functools.partial(kl_sum, temperature=args.temperature))
 
     # student, optimiser, per-epoch schedule, and the checkpoint it continues from
     net = build_student(args, num_classes, device, world, student.seed)
     optimizer = build_optimizer(args, net)
-    run = Training(net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.epochs)),
-                   torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
-    start, best, metrics = resume(resume_path(args.resume, out, args.seeds), student, run, device, rank, args.start_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args.lr_schedule, args.epochs))
+    run = Training(net, optimizer, schedule, torch.amp.GradScaler(device.type, enabled=amp == torch.float16))
+    path = resume_path(args.resume, out, args.seeds)
+    start, best, metrics = resume(path, student, run, device, rank, args.start_epoch)
     model = wrap(net, args, device, rank, world)
     logger = start_wandb(args) if args.wandb and rank == 0 else None
     top1 = topk = None
@@ -336,7 +339,7 @@ def train_student(args: argparse.Namespace, student: Student, meta: dict, teache
             plan = fkd.draw_epoch(student.plan_seed, epoch, hw, args.batch_size, args.input_size, meta["mix_type"],
                                   args.mixup, args.cutmix, (args.min_scale_crops, args.max_scale_crops),
                                   not args.no_flip)
-        rows = [my_rows(end - start, accumulation, rank, world) for start, end in map(plan.bounds, range(plan.num_batches))]
+        rows = [my_rows(hi - lo, accumulation, rank, world) for lo, hi in map(plan.bounds, range(plan.num_batches))]
         jobs = [fkd.make_job(plan, b, torch.arange(first, last)) for b, (first, last) in enumerate(rows)]
         batches = fkd.replay_batches(plan, jobs, source, args.workers, device, meta)
         model.train()
@@ -355,7 +358,7 @@ def train_student(args: argparse.Namespace, student: Student, meta: dict, teache
                 target = target.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             parts = micro_batches(end_row - start_row, accumulation, rank, world)
-            for i, part in enumerate(parts):  # every micro-batch runs, empty ones too: all processes join each collective
+            for i, part in enumerate(parts):  # every one runs, empty ones too: all processes join each collective
                 last_part = world == 1 or i == len(parts) - 1  # DDP all-reduces the gradients after the last one only
                 with contextlib.nullcontext() if last_part else model.no_sync():
                     with autocast(device, amp):
