@@ -128,7 +128,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         soft = soft.pin_memory()
 
     def epoch_batches(epoch: int):
-        plan = fkd.draw_epoch(42, epoch, hw, fkd.Recipe(args.batch_size, args.input_size))
+        plan = fkd.draw_epoch(42, epoch, hw, args.batch_size, args.input_size)
         jobs = [fkd.make_job(plan, b) for b in range(plan.num_batches if epoch else min(2, plan.num_batches))]
         batches = fkd.replay_batches(plan, jobs, source, args.workers, device, IMAGENET_CUTMIX)
         return plan, batches

@@ -15,6 +15,8 @@ echo "== stage 1: VAE encoding"
 echo "== stage 2: synthesis"
 "$PY" bench/bench_synthesis.py --sd15 --images 48 --original-images 8 --batch-size 24 --compile \
     --device cuda --json "$OUT/synthesis.json"
+echo "== D4M's successors: one image's cost with each generator"
+"$PY" bench/bench_successors.py --sd15 --ipc 10 --device cuda --json "$OUT/successors.json"
 echo "== stages 3 and 4: matching and student training"
 "$PY" bench/bench_fkd.py --size 224 --input-size 224 --arch resnet18 --images 4096 --classes 1000 \
     --batch-size 1024 --accumulation 2 --epochs 1 -j "$WORKERS" --compile --device cuda --json "$OUT/fkd.json"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from d4m import fkd, store, views
+from d4m import fkd, labelcodec, views
 from d4m.data import IMAGENET_MEAN, IMAGENET_STD
 from d4m.device import amp_dtype, autocast, memory_format, pick_device
 from d4m.models import build_model
@@ -74,14 +74,14 @@ def fkd_at(ipc: int, args: argparse.Namespace) -> dict:
     images = views.HostImages(np.empty(views.HostImages.nbytes_of(sizes), np.uint8), sizes)
     images.data.reshape(-1, 256)[:] = np.arange(256, dtype=np.uint8)  # every page touched (224*224*3 = 588*256)
     source = views.CropViews(images, 224)
-    soft = store.SoftLabels({"logits": torch.randn(count, CLASSES).half()}, CLASSES)
+    soft = labelcodec.SoftLabels({"logits": torch.randn(count, CLASSES).half()}, CLASSES)
     soft = soft.pin() if device.type == "cuda" else soft
     torch.manual_seed(0)
     layout = memory_format(device)
     teacher = build_model("resnet18", CLASSES).to(device, memory_format=layout).eval().requires_grad_(False)
     student = build_model("resnet18", CLASSES).to(device, memory_format=layout)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    plan = fkd.draw_epoch(42, 0, sizes, fkd.Recipe(args.batch_size, 224))
+    plan = fkd.draw_epoch(42, 0, sizes, args.batch_size, 224)
     jobs = [fkd.make_job(plan, b) for b in range(min(args.batches, plan.num_batches))]
     meta = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "mix_type": "cutmix"}
     replay = lambda: fkd.replay_batches(plan, jobs, source, args.workers, device, meta)  # noqa: E731

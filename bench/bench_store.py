@@ -31,7 +31,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     hw = np.full((args.images, 2), 224)
-    plan = fkd.draw_epoch(42, 0, hw, fkd.Recipe(args.batch_size, 224))
+    plan = fkd.draw_epoch(42, 0, hw, args.batch_size, 224)
     # Teacher-like logits: a few large values over a Gaussian background.
     logits = torch.randn(args.images, args.classes, generator=torch.Generator().manual_seed(0)) * 2
     logits[torch.arange(args.images), torch.randint(args.classes, (args.images,))] += 12

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from d4m.device import pick_device
-from d4m.diffusion import EmbeddingCache, batch_invariant, load_pipeline, load_sampler, pipeline_dtype, use_sdpa
+from d4m.diffusion import EmbeddingCache, batch_invariant, load_pipeline, pipeline_dtype, use_sdpa
 from d4m.models import build_model
 from d4m.runtime import seeded_generator
 from d4m.tiny_sd import build_sd15

@@ -45,6 +45,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in rows(folder):
         print("| " + " | ".join(row) + " |")
+    successors = folder / "successors.json"
+    if successors.is_file():
+        cost = json.loads(successors.read_text())
+        per_image = cost["seconds_per_image"]
+        print(f"\nseconds per image, {cost['model']}, {cost['size']} px, {cost['dtype']}, IPC {cost['ipc']}")
+        print("| D4M | MGD3 | D3HR (+ inversion of 500 real images per class) | CaO2 |")
+        print("|---|---|---|---|")
+        print(f"| {per_image['d4m']:.3f} | {per_image['mgd3']:.3f} | {per_image['d3hr']:.3f} "
+              f"({per_image['d3hr_with_inversion']:.3f}) | {per_image['cao2']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def scores(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
                 soft_gap = row.get("ior_fkd", row.get("ior_online"))
                 if soft_gap is not None:
                     row["lrs"] = label_robust_score(soft_gap, row["hlr"])
-            if hard is not None and soft:
+            if hard is not None and soft and mean_std(soft)[0] > 0:
                 row["kept"] = 100 * mean_std(hard)[0] / mean_std(soft)[0]
             out.append(row)
     return out
