@@ -10,7 +10,7 @@ OUT=${OUT:-outputs/bench_gpu}
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 mkdir -p "$OUT"
 echo "== stage 1: VAE encoding"
-"$PY" bench/bench_prototypes.py --sd15 --jpeg 512 --size 512 --batch-size 32 -j "$WORKERS" --compile \
+"$PY" bench/bench_prototypes.py --sd15 --jpeg 2048 --size 512 --batch-size 32 -j "$WORKERS" --compile \
     --device cuda --json "$OUT/prototypes.json"
 echo "== stage 2: synthesis"
 "$PY" bench/bench_synthesis.py --sd15 --images 48 --original-images 8 --batch-size 24 --compile \

@@ -80,7 +80,7 @@ rded_batch() {  # RDED's batch for CLASSES classes: 10 at IPC 1, 50 up to IPC 10
 prototypes() {  # stage 1
     "${RUN[@]}" distillation/gen_prototype.py --dataset "$DATASET" --data_dir "$DATA_DIR" \
         --diffusion_checkpoints_path "$SD_MODEL" "${PROMPTS[@]}" --name "$NAME" --ipc "$IPC" --km_expand 1 \
-        --batch_size 10 --save_prototype_path "$OUT_DIR/prototypes" "$@"
+        --save_prototype_path "$OUT_DIR/prototypes" "$@"
 }
 
 synthesis() {  # stage 2, with STRENGTH and GUIDANCE (the paper's 0.7 and 8 by default)

@@ -9,10 +9,15 @@ from d4m.cli import (ArgumentParser, DATASETS, KMEANS_METHODS, PROTOTYPE_FORMATS
                      non_negative_int, plain_name, positive_int, seed_int)
 
 
+VAE_BATCH = {"cuda": 32, "cpu": 10}  # images per VAE call by device, for throughput (bench/bench_prototypes.py)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--batch_size", type=positive_int, default=10,
-                        help="images per VAE call (batches never cross classes; 64 or more is faster on a GPU)")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help=f"images per VAE call (batches never cross classes); default {VAE_BATCH['cuda']} on a GPU "
+                             f"(512 px fits a 24 GB card), {VAE_BATCH['cpu']} on a CPU. The latents do not depend on "
+                             "it (the original used 10)")
     parser.add_argument("--data_dir", "--data-dir", type=str, default=None,
                         help="dataset root (train/ inside for ImageFolder sets)")
     parser.add_argument("--dataset", type=str, default="imagenet", choices=DATASETS)
@@ -24,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="faithful: the original's per-class MiniBatchKMeans fed km_expand*ipc latents at a time; "
                              "full: full-batch k-means (k-means++, Lloyd) on all of a class's latents, on --device")
     parser.add_argument("--label_file_path", "--label-file-path", type=str, default=None, help="one prompt per class, in class order")
-    parser.add_argument("--num_workers", type=non_negative_int, default=4)
+    parser.add_argument("--num_workers", type=non_negative_int, default=8,
+                        help="processes that decode and resize the images (at most the machine's cores)")
     parser.add_argument("--save_prototype_path", type=str, default="outputs/prototypes")
     parser.add_argument("--size", type=image_side, default=512, help="images are resized to size x size before encoding")
     parser.add_argument("--seed", type=seed_int, default=0, help="seeds the class shuffles and the posterior samples")
@@ -75,6 +81,7 @@ def main(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     set_deterministic(args.deterministic)
     rank, world = init_distributed(device, args.dist_timeout)
+    args.batch_size = args.batch_size or VAE_BATCH.get(device.type, VAE_BATCH["cpu"])
     data = train_dataset(args.dataset, args.data_dir)
     num_classes = class_count(args.dataset, data)
     class_names = [str(name) for name in getattr(data, "classes", range(num_classes))]
