@@ -370,3 +370,19 @@ def test_weights_and_biases_gets_settings_only_and_the_key_is_kept_nowhere(tiny,
     assert [c[1]["epoch"] for c in calls if c[0] == "log"] == [0, 1]
     for path in out.rglob("*"):
         assert b"SECRET-KEY-123" not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("protocol", ["fkd", "hard"])
+def test_validating_more_often_changes_no_weight(tiny, tmp_path, protocol):
+    """Validation draws nothing from the random streams training uses: a student validated every epoch ends with
+    the weights of one validated only at the last (evaluate.py validates once, at the end)."""
+    data, store = tiny
+    for every in (1, 3):
+        argv = train_args(data, store, tmp_path / f"every{every}", "--epochs", 3, "--protocol", protocol,
+                          "--eval-interval", every)
+        if protocol == "hard":  # no store
+            at = argv.index("--fkd-path")
+            argv = argv[:at] + argv[at + 2:]
+        assert run_script(TRAIN, argv) == 0
+    often, once = (weights(tmp_path / f"every{every}" / "checkpoint.pth.tar") for every in (1, 3))
+    assert often.keys() == once.keys() and all(torch.equal(often[k], once[k]) for k in often)

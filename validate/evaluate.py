@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--protocols", default="fkd", help=f"comma-separated, of {', '.join(PROTOCOLS)}")
     p.add_argument("--seeds", type=positive_int, default=1, help="students per set, architecture and protocol")
     p.add_argument("--epochs", type=positive_int, default=300)
+    p.add_argument("--eval-interval", type=positive_int, default=None,
+                   help="validate the students every N epochs too (default: once, at the last epoch, whose top-1 is "
+                        "the figure reported; validating more often changes no weight)")
     p.add_argument("-b", "--batch-size", type=positive_int, default=1024)
     p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
     p.add_argument("--input-size", type=positive_int, default=224)
@@ -196,7 +199,8 @@ def train(args: argparse.Namespace, part: Part, model: str, protocol: str, ipc: 
     if protocol == "online" and args.online_recipe == "rded":
         recipe.update(rded_recipe(model, ipc, classes, args.mix_type))
     argv = ["--train-dir", part.folder, "--output-dir", out, "--model", model, "--protocol", protocol,
-            "--epochs", args.epochs, "--input-size", args.input_size, "--adamw-weight-decay", args.adamw_weight_decay,
+            "--epochs", args.epochs, "--eval-interval", args.eval_interval or args.epochs,
+            "--input-size", args.input_size, "--adamw-weight-decay", args.adamw_weight_decay,
             "--gradient-accumulation-steps", args.gradient_accumulation_steps, "--mix-type", args.mix_type,
             "--seeds", part.seeds, "--seed", part.first_seed, "-j", args.workers, *flip_flags(args),
             *[v for pair in recipe.items() for v in pair],
