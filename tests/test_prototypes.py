@@ -189,3 +189,19 @@ def test_writer_fills_classes_in_any_order_and_reads_back_one_class(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json", "p.safetensors"]
     with pytest.raises(UsageError, match="shape"):
         writer.write(0, tensor[0, :1].numpy(), 0.0)
+
+
+def test_the_device_batches_write_the_file_of_the_originals_batch_of_10(tmp_path, tiny_sd):
+    """The VAE batch stage 1 picks by device (VAE_BATCH: 10 on the CPU, 32 on CUDA) is a speed knob: the file is
+    the same bytes at the original's 10 and at 32, on classes of more images than either."""
+    from conftest import load_script, make_image_folder
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=40, size=16)
+    for batch in (10, 32):
+        argv = args(data, tiny_sd, tmp_path / f"b{batch}")
+        argv[argv.index("--batch_size") + 1] = batch
+        argv[argv.index("--size") + 1] = 16
+        assert run_script(SCRIPT, argv) == 0
+    name = "data-ipc2-kmexpand2.safetensors"
+    assert (tmp_path / "b10" / name).read_bytes() == (tmp_path / "b32" / name).read_bytes()
+    assert load_script(SCRIPT).VAE_BATCH == {"cuda": 32, "cpu": 10}

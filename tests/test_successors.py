@@ -578,3 +578,34 @@ def test_every_successor_runs_on_cuda_and_repeats_itself(script, prototypes, dat
         assert run_script(path, arguments(tmp_path / name)) == 0
         runs.append(images(tmp_path / name / folder))
     assert len(runs[0]) == (2 * 2 if script == "cao2" else 2 * 3) and runs[0] == runs[1]
+
+
+@pytest.mark.heavy
+def test_compare_runs_every_set_on_an_image_folder(tiny_sd, tmp_path):
+    """validate/compare.sh imagefolder end to end on a tiny folder with the tiny model and an untrained teacher
+    (about 3 minutes on 2 cores): every set is made per seed, trained under both protocols, scored and drawn."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from d4m.models import build_model, save_teacher
+
+    data = make_image_folder(tmp_path / "shoes", classes=3, per_class=8, size=16)
+    torch.manual_seed(0)
+    save_teacher(tmp_path / "teacher.pt", build_model("convnet", 3, 16), "convnet", 3, 16)
+    env = {**os.environ, "DATA_DIR": str(data), "SD_MODEL": str(tiny_sd), "TEACHER": str(tmp_path / "teacher.pt"),
+           "OUT_DIR": str(tmp_path / "out"), "IMAGE_SIZE": "16", "LDM_SIZE": "16", "EPOCHS": "2", "IPCS": "1 2",
+           "SEEDS": "2", "EVAL_FLAGS": "--no-label-check", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    run = subprocess.run(["bash", str(REPO / "validate/compare.sh"), "imagefolder"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "results_compare.json").read_text())
+    sets = ("d4m", "mgd3", "d3hr", "cao2", "random", "nearest")
+    assert {(r["method"], r["ipc"], r["protocol"]) for r in result["rows"]} == {
+        (s, ipc, p) for s in sets for ipc in (1, 2) for p in ("fkd", "hard")}
+    assert all(len(r["runs"]) == 2 for r in result["rows"])
+    assert {(c["ipc"], c["method"]) for c in result["make_seconds"]} == {(ipc, s) for s in sets for ipc in (1, 2)}
+    assert sorted(p.name for p in (tmp_path / "out" / "compare_sets").iterdir()) == sorted(
+        f"{s}.png" for s in sets if s != "random")
