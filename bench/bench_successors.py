@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from d4m.device import pick_device
-from d4m.diffusion import EmbeddingCache, batch_invariant, load_pipeline, pipeline_dtype, use_sdpa
+from d4m.diffusion import EmbeddingCache, batch_invariant, load_pipeline, pipeline_dtype, use_scheduler, use_sdpa
 from d4m.models import build_model
 from d4m.runtime import seeded_generator
 from d4m.tiny_sd import build_sd15
@@ -72,13 +72,6 @@ def load(args: argparse.Namespace, folder: Path, device: torch.device):
     return d4m, sampler, side, name
 
 
-def with_scheduler(pipe, name: str):
-    import diffusers
-
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, clip_sample=False)
-    return pipe
-
-
 def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
@@ -105,13 +98,13 @@ def main() -> None:
                    num_inference_steps=50, generator=generators(n)).images
 
     def run_mgd3():
-        with_scheduler(sampler, "DDPMScheduler")
+        use_scheduler(sampler, "DDPMScheduler")
         pos, neg = null_embeds.batch(["a shirt"] * n)
         return sampler(pos, noise(n), neg, guidance_scale=4, num_inference_steps=50, generator=generators(n),
                        modes=noise(n), mode_scale=0.1, mode_stop=24)
 
     def run_d3hr_decode():
-        with_scheduler(sampler, "DDIMScheduler")
+        use_scheduler(sampler, "DDIMScheduler")
         pos, neg = null_embeds.batch(["a shirt"] * n)
         return sampler(pos, noise(n), neg, guidance_scale=4, num_inference_steps=50, start_step=20)
 
@@ -120,12 +113,12 @@ def main() -> None:
         return d3hr.best_group(mean, torch.ones_like(mean), n, 100_000, 0, 0)
 
     def run_d3hr_invert():
-        with_scheduler(sampler, "DDIMScheduler")
+        use_scheduler(sampler, "DDIMScheduler")
         pos, neg = null_embeds.batch(["a shirt"] * n)
         return sampler.invert(noise(n).to(device), pos, neg, 4, 50, 30)
 
     def run_cao2():
-        with_scheduler(sampler, "DDPMScheduler")
+        use_scheduler(sampler, "DDPMScheduler")
         pos, neg = null_embeds.batch(["a shirt"] * n)
         candidates = torch.cat([sampler(pos, noise(n), neg, guidance_scale=2.7, num_inference_steps=50,
                                         generator=generators(n, k * n), output_type="latent").float()

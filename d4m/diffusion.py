@@ -204,18 +204,24 @@ def load_pipeline(cls, path: str, device: torch.device, safety_checker: bool = F
 
 
 def load_sampler(path: str, device: torch.device, dtype: str, scheduler: str):
-    """The successors' StableDiffusionSamplerPipeline from `path`, its scheduler replaced by the diffusers scheduler
-    class named `scheduler`, built from the checkpoint's scheduler configuration (same training schedule). A
-    configuration that does not say whether x̂0 is clipped (a PNDM one: it never clips) gets SD-1.5's no clipping,
-    not DDIM's and DDPM's default clipping to [-1, 1], which latents (not pixels) exceed."""
+    """The successors' StableDiffusionSamplerPipeline from `path`, its scheduler replaced by `use_scheduler`."""
+    from scripts.pipeline_stable_diffusion_sampler import StableDiffusionSamplerPipeline
+
+    pipe = load_pipeline(StableDiffusionSamplerPipeline, path, device, dtype=dtype)
+    return use_scheduler(pipe, scheduler)
+
+
+def use_scheduler(pipe, scheduler: str):
+    """`pipe` with its scheduler replaced by the diffusers scheduler class named `scheduler`, built from the
+    checkpoint's scheduler configuration (same training schedule). A configuration that does not say whether x̂0 is
+    clipped (a PNDM one: it never clips) gets SD-1.5's no clipping, not DDIM's and DDPM's default clipping to
+    [-1, 1], which latents (not pixels) exceed."""
     import diffusers
     from diffusers import SchedulerMixin
-    from scripts.pipeline_stable_diffusion_sampler import StableDiffusionSamplerPipeline
 
     cls = getattr(diffusers, scheduler, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise UsageError(f"--scheduler {scheduler} is not a diffusers scheduler class; use e.g. DDPMScheduler")
-    pipe = load_pipeline(StableDiffusionSamplerPipeline, path, device, dtype=dtype)
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **({} if "clip_sample" in pipe.scheduler.config
                                                                 else {"clip_sample": False}))
     return pipe
