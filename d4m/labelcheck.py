@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from d4m.cli import UsageError, printable
 from d4m.data import ImageFolderDataset, read_class_list
-from d4m.device import autocast, memory_format
+from d4m.device import autocast, eval_batch, memory_format
 
 
 def floor(classes: int) -> float:
@@ -33,11 +33,11 @@ def eval_transform(input_size: int, mean, std):
 
 
 @torch.no_grad()
-def per_class_top1(teacher: nn.Module, data: Dataset, classes: int, device: torch.device, amp, workers: int,
-                   batch_size: int = 256) -> torch.Tensor:
+def per_class_top1(teacher: nn.Module, data: Dataset, classes: int, device: torch.device, amp,
+                   workers: int) -> torch.Tensor:
     """[classes] top-1 of `teacher` on `data`'s images of each class, in % (NaN for a class without images)."""
     hits, counts = torch.zeros(classes), torch.zeros(classes)
-    for images, labels in DataLoader(data, batch_size=batch_size, num_workers=workers):
+    for images, labels in DataLoader(data, batch_size=eval_batch(device), num_workers=workers):
         with autocast(device, amp):
             logits = teacher(images.to(device).contiguous(memory_format=memory_format(device)))
         right = (logits.float().argmax(1).cpu() == labels).float()

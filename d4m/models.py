@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from d4m.cli import UsageError, first_line
@@ -13,6 +14,36 @@ from d4m.device import memory_format
 from d4m.outputs import load_torch, save_torch
 
 EXTRA_ARCHS = ("convnet", "resnet18_modified")
+
+
+class _HalvingMean(torch.autograd.Function):
+    """The mean of each 2x2 window in the order PyTorch's CPU kernel sums it (((a + b) + c) + d) / 4, hence the same
+    bits, forward and backward; on a 2-core CPU it runs in about half the time of that kernel on NCHW tensors."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.in_shape = x.shape
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]  # an odd last row or column is left out
+        mean = x[..., 0::2, 0::2] + x[..., 0::2, 1::2]
+        mean += x[..., 1::2, 0::2]
+        mean += x[..., 1::2, 1::2]
+        return mean.div_(4)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        *lead, h, w = grad.shape
+        spread = (grad / 4)[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
+        height, width = ctx.in_shape[-2:]
+        return F.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
+
+
+class AvgPool2x2(nn.Module):
+    """nn.AvgPool2d(2, 2), computed on the CPU by _HalvingMean (same values, faster); other devices use PyTorch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return F.avg_pool2d(x, 2, 2)
+        return _HalvingMean.apply(x)
 
 
 class ConvNet(nn.Module):
@@ -26,7 +57,7 @@ class ConvNet(nn.Module):
                 nn.Conv2d(in_ch, width, kernel_size=3, padding=1),
                 nn.GroupNorm(width, width, affine=True),
                 nn.ReLU(inplace=True),
-                nn.AvgPool2d(kernel_size=2, stride=2),
+                AvgPool2x2(),
             ]
             in_ch = width
         self.features = nn.Sequential(*layers)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from d4m.device import memory_format
+from d4m.device import eval_batch, memory_format
 
 NEAREST_K = 5  # Naeem et al.'s k
 KID_SUBSETS = 100
@@ -43,12 +43,12 @@ def features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
 
 
 @torch.no_grad()
-def dataset_features(model: nn.Module, data: Dataset, device: torch.device, workers: int = 0,
-                     batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_features(model: nn.Module, data: Dataset, device: torch.device,
+                     workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] on the CPU, labels [N]) of a labelled dataset whose items are normalised image tensors."""
     model.eval()
     feats, labels = [], []
-    for images, targets in DataLoader(data, batch_size=batch_size, num_workers=workers):
+    for images, targets in DataLoader(data, batch_size=eval_batch(device), num_workers=workers):
         images = images.to(device).contiguous(memory_format=memory_format(device))
         feats.append(features_and_logits(model, images)[0].cpu())
         labels.append(torch.as_tensor(targets))

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 from d4m import labelcheck
 from d4m.data import ImageFolderDataset, load_rgb, val_dataset
 from d4m.figures import as_text, gap_text
-from d4m.device import pick_device
+from d4m.device import eval_batch, pick_device
 from d4m.models import load_teacher
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable_file
@@ -95,9 +95,9 @@ def read_evals(folders: list[str]) -> tuple[list[dict], list[dict], list[dict], 
 def teacher_top1(args: argparse.Namespace) -> tuple[float, dict]:
     model, record = load_teacher(args.teacher_path, args.arch, 0, None, pick_device(None), "")
     transform = labelcheck.eval_transform(record["input_size"], record["mean"], record["std"])
-    loader = DataLoader(val_dataset(args.dataset, args.data_dir, transform), batch_size=500)
-    correct = seen = 0
     device = next(model.parameters()).device
+    loader = DataLoader(val_dataset(args.dataset, args.data_dir, transform), batch_size=eval_batch(device))
+    correct = seen = 0
     for images, labels in loader:
         correct += int((model(images.to(device)).argmax(1).cpu() == labels).sum())
         seen += len(labels)

@@ -119,7 +119,7 @@ from d4m import fkd, labelcheck, store, views
 from d4m.checkpoint import CHECKPOINT, Student, Training, claim_folder, resume, resume_path, state_of, write_metrics
 from d4m.data import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, check_images, check_same_classes, read_class_list,
                       val_dataset)
-from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
+from d4m.device import (amp_dtype, announce, autocast, eval_batch, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
 from d4m.figures import mean_std
 from d4m.labelcodec import keep_topk
@@ -242,7 +242,7 @@ def build_val(args: argparse.Namespace, meta: dict, rank: int, world: int, devic
                            "on the same dataset")
     with together(world):  # first read after the last epoch: an image that does not decode is named before training
         check_images(data, range(rank, len(data), world))
-    return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=256, shuffle=False,
+    return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=eval_batch(device), shuffle=False,
                       num_workers=args.workers, pin_memory=device.type == "cuda")
 
 
