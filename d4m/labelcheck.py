@@ -66,14 +66,14 @@ def name_mismatch(teacher_names: Optional[list[str]], class_list: Optional[list[
             "class names agree")
 
 
-def check(synthetic: torch.Tensor, real: Optional[torch.Tensor], names: Optional[str], classes: int) -> None:
+def check(synthetic: torch.Tensor, real: Optional[float], names: Optional[str], classes: int) -> None:
     """Stop with one line when the figures say the class orders differ."""
     least = floor(classes)
     skip = "; if the order is right, rerun with --no-label-check"
     if names:
         raise UsageError(f"label check: {names}{skip}")
-    if real is not None and float(real.nanmean()) < least:
-        raise UsageError(f"label check: the teacher gets {float(real.nanmean()):.1f}% on the real validation split "
+    if real is not None and real < least:
+        raise UsageError(f"label check: the teacher gets {real:.1f}% on the real validation split "
                          f"(chance {100 / classes:.1f}%): its class order differs from the validation folders' "
                          f"(or it is untrained){skip}")
     if float(synthetic.nanmean()) < least:
@@ -82,21 +82,22 @@ def check(synthetic: torch.Tensor, real: Optional[torch.Tensor], names: Optional
                          f"not in the teacher's class order{skip}")
 
 
-def report(synthetic: torch.Tensor, real: Optional[torch.Tensor], class_names: list[str], classes: int) -> str:
+def report(synthetic: torch.Tensor, real: Optional[float], recorded: bool, class_names: list[str], classes: int) -> str:
     """One line: the two agreements and the weakest classes on the synthetic images."""
     parts = [f"{float(synthetic.nanmean()):.1f}% agreement with the synthetic images' folders"]
     if real is not None:
-        parts.insert(0, f"teacher top-1 {float(real.nanmean()):.1f}% on the real validation split")
+        parts.insert(0, f"teacher top-1 {real:.1f}% on the real validation split" +
+                     (" (recorded in the teacher file)" if recorded else ""))
     weakest = synthetic.nan_to_num(101).argsort()[:3].tolist()
     low = ", ".join(f"{printable(class_names[c])} {float(synthetic[c]):.0f}%" for c in weakest)
     return f"label check: {', '.join(parts)} (chance {100 / classes:.1f}%); weakest synthetic classes: {low}"
 
 
 def run(teacher: nn.Module, record: dict, root: str, synthetic: ImageFolderDataset, real: Dataset | None,
-        device: torch.device, amp: torch.dtype | None, workers: int) -> dict:
-    """Score the teacher per class on the synthetic images of `root` (and the real validation split when given),
-    both transformed by `eval_transform`, compare its class names with classes.json, print one line, and stop when
-    the class orders look different."""
+        device: torch.device, amp: torch.dtype | None, workers: int, recorded_real: float | None = None) -> dict:
+    """Score the teacher per class on the synthetic images of `root` (and the real validation split when given;
+    `recorded_real` instead: its top-1 there, recorded when it was trained), both transformed by `eval_transform`,
+    compare its class names with classes.json, print one line, and stop when the class orders look different."""
     classes = len(synthetic.classes)
     class_list = read_class_list(root)
     if class_list is not None and [row["folder"] for row in class_list] != synthetic.classes:
@@ -108,8 +109,10 @@ def run(teacher: nn.Module, record: dict, root: str, synthetic: ImageFolderDatas
         if len(real.classes) != classes:
             raise UsageError(f"the validation split has {len(real.classes)} classes but {root} has {classes}")
         real_top1 = per_class_top1(teacher, real, classes, device, amp, workers)
-    check(synthetic_top1, real_top1, name_mismatch(record.get("classes"), class_list), classes)
+    real_mean = float(real_top1.nanmean()) if real_top1 is not None else recorded_real
+    check(synthetic_top1, real_mean, name_mismatch(record.get("classes"), class_list), classes)
     names = [str(row["name"]) for row in class_list] if class_list else synthetic.classes
-    print(report(synthetic_top1, real_top1, names, classes), flush=True)
+    print(report(synthetic_top1, real_mean, real_top1 is None, names, classes), flush=True)
     return {"class_names": names, "synthetic_top1": synthetic_top1.tolist(),
-            "real_top1": None if real_top1 is None else real_top1.tolist(), "teacher": record["arch"]}
+            "real_top1": None if real_top1 is None else real_top1.tolist(), "recorded_real_top1": recorded_real,
+            "teacher": record["arch"]}

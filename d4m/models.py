@@ -31,10 +31,13 @@ class _HalvingMean(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        *lead, h, w = grad.shape
-        spread = (grad / 4)[..., :, None, :, None].expand(*lead, h, 2, w, 2).reshape(*lead, 2 * h, 2 * w)
-        height, width = ctx.in_shape[-2:]
-        return F.pad(spread, (0, width - 2 * w, 0, height - 2 * h))
+        share = grad / 4
+        h, w = 2 * share.shape[-2], 2 * share.shape[-1]
+        spread = share.new_zeros(ctx.in_shape) if ctx.in_shape[-2:] != (h, w) else share.new_empty(ctx.in_shape)
+        for row in (0, 1):
+            for col in (0, 1):
+                spread[..., row:h:2, col:w:2] = share
+        return spread
 
 
 class AvgPool2x2(nn.Module):
@@ -98,6 +101,11 @@ def check_input_size(model: nn.Module, arch: str, input_size: int) -> None:
     except (RuntimeError, ValueError) as err:
         raise UsageError(f"{arch} cannot take {input_size} px images ({first_line(err)}); choose an --input-size "
                          "it takes") from err
+
+
+def recorded_top1(record: dict, dataset: str) -> float | None:
+    """The validation top-1 train_teacher.py wrote into a teacher it trained on `dataset`, else None."""
+    return float(record["top1"]) if record.get("dataset") == dataset and "top1" in record else None
 
 
 def save_teacher(path: str | Path, model: nn.Module, arch: str, num_classes: int, input_size: int,

@@ -80,7 +80,7 @@ from d4m import fkd, labelcheck, store, views
 from d4m.data import ImageFolderDataset, val_dataset
 from d4m.device import (amp_dtype, announce, autocast, maybe_compile, memory_format, pick_device, precision_name,
                         set_deterministic)
-from d4m.models import load_teacher
+from d4m.models import load_teacher, recorded_top1
 from d4m.outputs import atomic_path, check_writable, exclusive_run, remove_stale_temporaries
 from d4m.runtime import Progress, barrier, from_rank0, init_distributed, together
 from d4m.settings import store_meta
@@ -117,10 +117,13 @@ def label_check(args: argparse.Namespace, teacher: nn.Module, record: dict, devi
     """Before the first epoch: do teacher, synthetic folders, prompts (and the real validation split) share one
     class order?"""
     transform = labelcheck.eval_transform(args.input_size, record["mean"], record["std"])
+    # a teacher train_teacher.py trained on this named dataset learnt its class order: the top-1 it recorded
+    # stands for a pass over the validation split (an image folder may be another than the teacher's)
+    recorded = recorded_top1(record, args.dataset) if args.dataset not in (None, "imagefolder") else None
     real = (val_dataset(args.dataset or "imagefolder", args.data_dir, transform, val_dir=args.val_dir)
-            if args.val_dir or args.data_dir else None)
+            if (args.val_dir or args.data_dir) and recorded is None else None)
     return labelcheck.run(teacher, record, args.data, ImageFolderDataset(args.data, transform), real, device, amp,
-                          args.workers)
+                          args.workers, recorded)
 
 
 def create_store(fkd_path: str, meta: dict, checked: dict | None, lines: list[str]) -> None:

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_script, top1_on
-from d4m.models import load_teacher_file
+from d4m.models import load_teacher_file, save_teacher
 from fkd_helpers import tiny_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,6 +40,24 @@ def test_report_writes_table_curve_and_architectures(tmp_path, capsys):
         assert Image.open(out / picture).size[0] > 300
     table = capsys.readouterr().out
     assert "| 10 | D4M images | convnet | stored soft labels | 20.50 ± 0.71 | 20.00 / 21.00 |" in table
+
+
+def test_a_teacher_trained_on_the_dataset_reports_its_recorded_top1(tmp_path):
+    """train_teacher.py writes the teacher's validation top-1 into its file: the report takes it for that dataset
+    (no pass over the validation split) and measures it for another."""
+    data, teacher = tiny_setup(tmp_path)
+    model, record = load_teacher_file(teacher)
+    save_teacher(teacher, model, "convnet", 3, 32, dataset="imagefolder", top1=12.5)
+    write_eval(tmp_path / "eval", 1)
+    argv = ["--data-dir", data, "--teacher-path", teacher, "--evals", tmp_path / "eval"]
+    for dataset, expected in (("imagefolder", 12.5), ("tiny_imagenet", None)):
+        out = tmp_path / f"{dataset}.json"
+        assert run_script("validate/report.py", ["--dataset", dataset, *argv, "--output-json", out]) == 0
+        top1 = json.loads(out.read_text())["teacher"]["top1"]
+        if expected is None:
+            assert top1 == pytest.approx(top1_on(model, data / "val", 32, record["mean"], record["std"]))
+        else:
+            assert top1 == expected
 
 
 def test_one_ipc_and_one_seed_read_as_such(tmp_path, capsys):

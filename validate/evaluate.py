@@ -107,7 +107,7 @@ from d4m.data import ImageFolderDataset, train_dataset
 from d4m.device import pick_device
 from d4m.figures import as_text, gap_interval, gap_text, label_robust_score, mean_std
 from d4m.labelcheck import eval_transform
-from d4m.models import load_teacher, load_teacher_file
+from d4m.models import load_teacher, load_teacher_file, recorded_top1
 from d4m.outputs import atomic_path, check_writable, exclusive
 from d4m.scores import dataset_features, set_scores
 
@@ -228,8 +228,8 @@ def real_hard_top1(args: argparse.Namespace, model: str) -> float | None:
         return args.real_hard_top1
     if args.teacher_path:
         _, record = load_teacher_file(args.teacher_path)
-        if record["arch"] == model and record.get("dataset") == args.dataset and "top1" in record:
-            return float(record["top1"])
+        if record["arch"] == model:
+            return recorded_top1(record, args.dataset)
     return None
 
 

@@ -56,7 +56,7 @@ from d4m import labelcheck
 from d4m.data import ImageFolderDataset, load_rgb, val_dataset
 from d4m.figures import as_text, gap_text
 from d4m.device import eval_batch, pick_device
-from d4m.models import load_teacher
+from d4m.models import load_teacher, recorded_top1
 from d4m.prototypes import PrototypeFile
 from d4m.outputs import atomic_path, check_writable_file
 
@@ -93,7 +93,12 @@ def read_evals(folders: list[str]) -> tuple[list[dict], list[dict], list[dict], 
 
 @torch.no_grad()
 def teacher_top1(args: argparse.Namespace) -> tuple[float, dict]:
+    """The teacher's top-1 on the real validation split: as recorded when it was trained on this dataset, else
+    measured."""
     model, record = load_teacher(args.teacher_path, args.arch, 0, None, pick_device(None), "")
+    recorded = recorded_top1(record, args.dataset)
+    if recorded is not None:
+        return recorded, record
     transform = labelcheck.eval_transform(record["input_size"], record["mean"], record["std"])
     device = next(model.parameters()).device
     loader = DataLoader(val_dataset(args.dataset, args.data_dir, transform), batch_size=eval_batch(device))
