@@ -217,6 +217,21 @@ def commands(chain: Chain, recorder: tuple[Path, Path], tmp_path: Path, *extra: 
     return recorded(log)
 
 
+def test_stages_run_with_freed_memory_kept_for_reuse(tmp_path):
+    """Every stage runs with glibc's mmap threshold at 32 MB and a high trim threshold, unless the user set them."""
+    python, log = tmp_path / "record-env", tmp_path / "env.log"
+    python.write_text('#!/usr/bin/env bash\necho "$MALLOC_MMAP_THRESHOLD_ $MALLOC_TRIM_THRESHOLD_" >> "$ENV_LOG"\n')
+    python.chmod(0o755)
+    cases = [({}, "33554432 4294967296"), ({"MALLOC_MMAP_THRESHOLD_": "131072"}, "131072 4294967296")]
+    for variables, expected in cases:
+        env = {k: v for k, v in launcher_env(PYTHON=python, ENV_LOG=log, **variables).items()
+               if k in variables or not k.startswith("MALLOC_")}
+        for script in BY_NAME["cifar10"].launchers:
+            assert run_bash(script, env, tmp_path).returncode == 0
+        assert log.read_text().splitlines() == [expected] * 4
+        log.unlink()
+
+
 @pytest.mark.parametrize("dataset", list(BY_NAME))
 def test_launcher_defaults(dataset, recorder, tmp_path):
     chain = BY_NAME[dataset]

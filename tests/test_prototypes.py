@@ -10,7 +10,8 @@ from torchvision.transforms.functional import to_tensor
 
 from conftest import run_script, run_torchrun
 from d4m.cli import UsageError
-from d4m.diffusion import load_pipeline
+from d4m.diffusion import batch_invariant, load_pipeline
+from d4m.latents import latent_encoder
 from d4m.prototypes import PrototypeFile
 from d4m.runtime import seeded_generator
 from scripts.pipeline_stable_diffusion_gen_latents import StableDiffusionGenLatentsPipeline
@@ -205,3 +206,15 @@ def test_the_device_batches_write_the_file_of_the_originals_batch_of_10(tmp_path
     name = "data-ipc2-kmexpand2.safetensors"
     assert (tmp_path / "b10" / name).read_bytes() == (tmp_path / "b32" / name).read_bytes()
     assert load_script(SCRIPT).VAE_BATCH == {"cuda": 32, "cpu": 10}
+
+
+def test_the_compiled_encoders_padded_batches_give_the_same_latents(tiny_sd):
+    """With --compile every VAE call is padded to --batch_size images (one compiled shape); the padding changes no
+    latent. Run uncompiled on the CPU: the same path but for the compiler."""
+    cpu = torch.device("cpu")
+    pipe = load_pipeline(StableDiffusionGenLatentsPipeline, str(tiny_sd), cpu)
+    pixels = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with batch_invariant(pipe, cpu), torch.no_grad():
+        plain = latent_encoder(pipe, 5, False)(pixels, [seeded_generator(0, 1, i) for i in range(5)])
+        padded = latent_encoder(pipe, 8, True)(pixels, [seeded_generator(0, 1, i) for i in range(5)])
+    assert padded.shape == plain.shape == (5, 4, 16, 16) and torch.equal(padded, plain)
